@@ -1,0 +1,562 @@
+"""
+A GPT-2 in one file, with everything the RLHF stages need from it.
+
+Read top to bottom: config, attention, MLP, block, GPT, the two scalar heads (reward and value),
+generation with a KV cache, loading real GPT-2 weights, and the checkpoint format shared by every stage.
+
+Shape letters used in every comment:
+    B batch, T sequence length, C embedding size (n_embd), nh heads, hs head size (C // nh), V vocabulary.
+
+References: GPT-2 (Radford et al. 2019); the layout follows Hugging Face's GPT2LMHeadModel so that real
+weights load by name; the style follows nanoGPT.
+"""
+
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoadError(Exception):
+    """A user-facing problem with a file (weights, checkpoint, data): the message is one line that names
+    the file and the fix. The scripts print it without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (learned positions exist only up to here)
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary; <|endoftext|> = 50256 is EOS and padding
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 everywhere in RLHF: PPO must recompute the same log-probs it sampled with
+    layer_norm_eps: float = 1e-5
+    attn_impl: str = "auto"  # "triton" | "sdpa" | "naive" | "auto" (the fastest that runs on the device)
+
+
+# GPT-2's published shapes; `tiny` trains from scratch on a 2-core CPU in minutes (~7M parameters,
+# most of them the 50257 x 128 embedding).
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def config_from_preset(name, **overrides):
+    if name not in PRESETS:
+        raise LoadError(f"unknown model preset '{name}': choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Attention: one function, three implementations of softmax(Q K^T / sqrt(hs)) V
+
+
+def attention_mask_allowed(Tq, Tk, kv_start, device):
+    """Which keys each query may look at, (B or 1, 1, Tq, Tk) bool.
+
+    Queries are aligned to the end of the keys (query i sits at position Tk - Tq + i), which covers
+    training (Tq == Tk), KV-cache decoding (Tq == 1) and chunked prefill. Causal: key j <= that position.
+    Left padding: keys before kv_start[b] are the pad tokens of sequence b, masked for every query."""
+    q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
+    allowed = (k_pos <= q_pos)[None, None]  # (1, 1, Tq, Tk)
+    if kv_start is not None:
+        allowed = allowed & (k_pos >= kv_start.view(-1, 1, 1, 1))  # (B, 1, Tq, Tk)
+    return allowed
+
+
+def attention_naive(q, k, v, kv_start=None):
+    """The readable reference: materialises the (Tq, Tk) score matrix per head, O(T^2) memory."""
+    Tq, Tk, hs = q.size(2), k.size(2), q.size(3)
+    allowed = attention_mask_allowed(Tq, Tk, kv_start, q.device)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, Tq, Tk)
+    # finfo.min instead of -inf: a left-pad query has no allowed key at all, and softmax over a row of
+    # -inf is NaN (in the backward too); with finfo.min the row is finite and we zero it below.
+    att = att.masked_fill(~allowed, torch.finfo(att.dtype).min)
+    att = F.softmax(att, dim=-1) * allowed.any(dim=-1, keepdim=True)
+    return att @ v  # (B, nh, Tq, hs)
+
+
+def attention_sdpa(q, k, v, kv_start=None):
+    """PyTorch's fused attention. Without padding and with Tq == Tk, is_causal picks the flash backend;
+    otherwise an explicit boolean mask (rows with no allowed key come out as zeros)."""
+    if kv_start is None and q.size(2) == k.size(2):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    allowed = attention_mask_allowed(q.size(2), k.size(2), kv_start, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def triton_attention_available(device):
+    """The Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tests) and the kernel file."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import kernels.flash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_triton(q, k, v, kv_start=None):
+    from kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, causal=True, kv_start=kv_start)
+
+
+ATTENTION_IMPLS = {"naive": attention_naive, "sdpa": attention_sdpa, "triton": attention_triton}
+
+
+def resolve_attn_impl(attn_impl, device):
+    if attn_impl == "auto":
+        # the interpreter is a correctness tool, far too slow to be a default
+        return "triton" if device.type == "cuda" and triton_attention_available(device) else "sdpa"
+    if attn_impl not in ATTENTION_IMPLS:
+        raise LoadError(f"attn_impl='{attn_impl}' is not one of auto, {', '.join(ATTENTION_IMPLS)}")
+    if attn_impl == "triton" and not triton_attention_available(device):
+        raise LoadError("attn_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1) and kernels/flash_attention.py")
+    return attn_impl
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_impl = config.attn_impl
+
+    def forward(self, x, kv_start=None, kv_cache=None, layer=0):
+        B, T, C = x.size()
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            # the new keys join the cached ones; the queries stay the T new positions
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
+        y = ATTENTION_IMPLS[resolve_attn_impl(self.attn_impl, x.device)](q, k, v, kv_start)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_start=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_start, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the positions already processed, so that generating one more
+    token costs one position of compute instead of re-running the whole prefix."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled, the same for every layer once a forward pass ends
+
+    def update(self, layer, k, v):
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+
+
+def kv_start_from_mask(attention_mask):
+    """Index of the first real token of each row: the left-pad length. Right padding needs no mask,
+    since causality already hides later positions from the real tokens."""
+    return (attention_mask.cumsum(dim=1) == 0).sum(dim=1)  # (B,)
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions count real tokens only, so a left-padded prompt gets the same positions as unpadded."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+
+
+# -----------------------------------------------------------------------------
+# The GPT
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+            )
+        )
+        # the language-model head; tied to the input embedding as in GPT-2 (one matrix, two uses)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
+                # variance does not grow with depth (two residual adds per block)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def set_attn_impl(self, attn_impl):
+        self.config.attn_impl = attn_impl
+        for block in self.transformer.h:
+            block.attn.attn_impl = attn_impl
+
+    def hidden_states(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
+        """The final hidden states (after ln_f), (B, T, C): what the LM head, the reward head and the
+        value head all read. attention_mask (B, T_total) marks real tokens (1) and padding (0), where
+        T_total counts the cached positions too; padding may be on the left (generation) or the right."""
+        B, T = idx.size()
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
+        kv_start = None
+        if attention_mask is not None:
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)[:, past:]
+            if not bool(attention_mask[:, 0].all()):  # a CPU-GPU sync point, once per forward
+                kv_start = kv_start_from_mask(attention_mask)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_start, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, return_hidden=False):
+        """Logits (B, T, V) at every position; with return_hidden=True, (logits, hidden (B, T, C)).
+        A caller that needs only a few positions, or log-probs without the full logits, should call
+        hidden_states and apply lm_head (or the fused log-prob kernel) itself."""
+        hidden = self.hidden_states(idx, attention_mask, position_ids, kv_cache)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """Sample answers for a batch of prompts (lists of token ids, any lengths) with a KV cache.
+
+        Prompts are left-padded so that every row's next token is at the same column. Each row stops at
+        its own EOS; after it, the row is filled with EOS and masked out. temperature=0 is greedy.
+        Returns (tokens, attention_mask, answer_mask), each (B, Tp + n): answer_mask is 1 exactly on the
+        generated tokens, the EOS that ended a row included (it was an action too)."""
+        device = self.transformer.wte.weight.device
+        B, Tp = len(prompts), max(len(p) for p in prompts)
+        if Tp + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds block_size={self.config.block_size}")
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        tokens = torch.full((B, Tp + max_new_tokens), eos_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(B, Tp + max_new_tokens, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, Tp - len(p) : Tp] = torch.tensor(p, dtype=torch.long)
+            attention_mask[b, Tp - len(p) : Tp] = 1
+        answer_mask = torch.zeros_like(attention_mask)
+        cache = KVCache(self.config, B, Tp + max_new_tokens, device, self.transformer.wte.weight.dtype)
+
+        # prefill: the whole prompt in one pass; then one position per step
+        logits = self(tokens[:, :Tp], attention_mask[:, :Tp], kv_cache=cache)[:, -1]  # (B, V)
+        next_pos = position_ids_from_mask(attention_mask[:, :Tp])[:, -1] + 1  # (B,)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        n = Tp
+        for t in range(Tp, Tp + max_new_tokens):
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            next_token = torch.where(finished, eos_id, next_token)
+            tokens[:, t] = next_token
+            answer_mask[:, t] = (~finished).long()
+            attention_mask[:, t] = 1  # finished rows too: their tail is masked by answer_mask, not here
+            finished |= next_token == eos_id
+            n = t + 1
+            if bool(finished.all()) or t + 1 == Tp + max_new_tokens:  # a sync point, once per step
+                break
+            logits = self(next_token[:, None], attention_mask[:, : t + 1], next_pos[:, None], cache)[:, -1]
+            next_pos += 1
+        return tokens[:, :n], attention_mask[:, :n], answer_mask[:, :n]
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): temperature, then keep the top_k most likely tokens and/or
+    the smallest set whose probability reaches top_p (nucleus), then sample. temperature=0: argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# The two scalar heads of RLHF
+
+
+class ScalarHead(nn.Module):
+    """One linear map from a hidden state (C) to a number: the reward head (stage 3) and the value head
+    (stage 4) are both this, each under its own name."""
+
+    def __init__(self, n_embd, std=0.0):
+        super().__init__()
+        self.proj = nn.Linear(n_embd, 1)
+        # std=0 by default: the head starts at exactly 0 for every input, so the first Bradley-Terry
+        # loss is log 2 (no pair preferred) and the first value estimate is 0 (no expected return yet);
+        # the gradient of a zero-initialised final layer is still non-zero, since it is the hidden state.
+        nn.init.normal_(self.proj.weight, std=std) if std > 0 else nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden):
+        return self.proj(hidden).squeeze(-1)  # (...,C) -> (...)
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row (the EOS that ends the answer), for left or right padding."""
+    T = attention_mask.size(1)
+    return T - 1 - attention_mask.flip(dims=[1]).argmax(dim=1)  # (B,)
+
+
+class RewardModel(nn.Module):
+    """Stage 3: the SFT transformer with its vocabulary head replaced by a scalar head, read at the last
+    token of the (prompt, answer) sequence. `offset` is subtracted so that the SFT policy's own answers
+    score 0 on average (set after training; stored in the state dict, hence in the checkpoint)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT(config)  # its lm_head is never used here
+        self.reward_head = ScalarHead(config.n_embd)
+        self.register_buffer("offset", torch.zeros(()))
+
+    def forward(self, idx, attention_mask):
+        hidden = self.transformer.hidden_states(idx, attention_mask)  # (B, T, C)
+        last = last_token_index(attention_mask)  # (B,)
+        h_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
+        return self.reward_head(h_last) - self.offset  # (B,)
+
+
+class PolicyWithValue(nn.Module):
+    """Stage 4: the policy (a GPT with its LM head) and a value head beside the LM head, on the same
+    hidden states. The value at position t estimates the return after the token at t."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.policy = GPT(config)
+        self.value_head = ScalarHead(config.n_embd)
+
+    def forward(self, idx, attention_mask):
+        """(hidden (B, T, C), values (B, T)): the caller turns hidden into log-probs with lm_head or the
+        fused kernel, so the full (B, T, V) logits need not exist."""
+        hidden = self.policy.hidden_states(idx, attention_mask)  # (B, T, C)
+        return hidden, self.value_head(hidden)  # (B, T, C), (B, T)
+
+
+# -----------------------------------------------------------------------------
+# Loading real GPT-2 weights from a local Hugging Face folder (no download, no extra dependency)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path):
+    """The safetensors format: 8 bytes (little-endian u64) = N, then N bytes of JSON describing each
+    tensor (dtype, shape, byte range), then the raw bytes of all tensors."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            data = bytearray(f.read())
+        except (struct.error, ValueError) as e:
+            raise LoadError(f"{path}: not a valid safetensors file ({e}); re-save the weights") from None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        t = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(info["shape"]).clone()
+    return tensors
+
+
+# Hugging Face's GPT-2 stores these as Conv1D, whose weight is (in, out): transpose into nn.Linear's (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_gpt2_weights(folder, attn_impl="auto"):
+    """A GPT from a local Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin."""
+    folder = Path(folder)
+    expected = "config.json plus model.safetensors or pytorch_model.bin (a Hugging Face GPT-2 folder)"
+    if not folder.is_dir():
+        raise LoadError(f"{folder}: no such folder; --weights must point at {expected}")
+    if not (folder / "config.json").is_file():
+        raise LoadError(f"{folder}: config.json is missing; expected {expected}")
+    hf = json.loads((folder / "config.json").read_text())
+    if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise LoadError(f"{folder}/config.json: not a GPT-2 config (model_type={hf.get('model_type')})")
+    config = GPTConfig(
+        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+        n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), attn_impl=attn_impl,
+    )
+    if (folder / "model.safetensors").is_file():
+        state = read_safetensors(folder / "model.safetensors")
+    elif (folder / "pytorch_model.bin").is_file():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise LoadError(f"{folder}: no model.safetensors or pytorch_model.bin; expected {expected}")
+
+    model = GPT(config)
+    ours = model.state_dict()
+    loaded = {}
+    for name, tensor in state.items():
+        key = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+        if key.endswith(("attn.bias", "attn.masked_bias")) and key not in ours:
+            continue  # old checkpoints store the causal mask as a buffer; we build it on the fly
+        if key not in ours:
+            raise LoadError(f"{folder}: unexpected tensor '{name}' for GPT-2; is this a GPT-2 checkpoint?")
+        if key.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        if tensor.shape != ours[key].shape:
+            raise LoadError(f"{folder}: '{name}' has shape {tuple(tensor.shape)}, config.json implies {tuple(ours[key].shape)}")
+        loaded[key] = tensor
+    loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))  # tied; often not stored
+    missing = [k for k in ours if k not in loaded]
+    if missing:
+        raise LoadError(f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]})")
+    model.load_state_dict(loaded)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one format for every stage
+
+CHECKPOINT_FORMAT = "rlhf-course-checkpoint/1"
+STAGES = ("base", "sft", "reward", "ppo")
+STAGE_MODELS = {"base": GPT, "sft": GPT, "reward": RewardModel, "ppo": PolicyWithValue}
+STAGE_SCRIPTS = {"base": "train_sft.py --init", "sft": "train_sft.py", "reward": "train_reward.py", "ppo": "train_ppo.py"}
+
+
+def save_checkpoint(path, model, stage, step, train_args, optimizer=None, extra=None, tokenizer="gpt2"):
+    """Everything needed to use or resume a stage: config, weights, which stage wrote it, the tokenizer,
+    the training arguments, the step, the optimizer state, and stage-specific extras. Written to a
+    temporary file and renamed, so a run stopped mid-save never leaves a half-written checkpoint."""
+    assert stage in STAGES
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "stage": stage,
+        "model_config": asdict(model.config),
+        "model": model.state_dict(),
+        "tokenizer": tokenizer,
+        "train_args": train_args,
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "extra": extra or {},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stages, map_location="cpu"):
+    """The checkpoint dict, after checking that it is ours and was written by one of `stages`."""
+    path = Path(path)
+    stages = (stages,) if isinstance(stages, str) else tuple(stages)
+    if not path.is_file():
+        hint = " or ".join(STAGE_SCRIPTS[s].split()[0] for s in stages)
+        raise LoadError(f"{path}: no such checkpoint; train one with {hint}, or fix the path")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file; torch's own message is long
+        raise LoadError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); was it fully written?") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise LoadError(f"{path}: not a checkpoint of this repository (for Hugging Face GPT-2 weights use --init gpt2 --weights DIR)")
+    if ckpt["stage"] not in stages:
+        want = " or ".join(f"'{s}' (from {STAGE_SCRIPTS[s].split()[0]})" for s in stages)
+        raise LoadError(f"{path} is a '{ckpt['stage']}' checkpoint, but a {want} checkpoint is needed here")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, attn_impl=None):
+    """Rebuild the stage's model (GPT, RewardModel or PolicyWithValue) with its weights."""
+    known = {f.name for f in fields(GPTConfig)}
+    config = GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
+    if attn_impl is not None:
+        config.attn_impl = attn_impl
+    model = STAGE_MODELS[ckpt["stage"]](config)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def policy_from_checkpoint(ckpt, attn_impl=None):
+    """The language model inside a base, sft or ppo checkpoint: what samples answers, and what the next
+    RLHF round (or the reward model) starts from."""
+    model = model_from_checkpoint(ckpt, attn_impl)
+    return model.policy if isinstance(model, PolicyWithValue) else model

@@ -1,0 +1,243 @@
+"""model.py: our GPT against Hugging Face's GPT-2, generation with the KV cache, the attention
+implementations, the scalar heads, and the checkpoint format."""
+
+import json
+
+import pytest
+import torch
+
+from model import (
+    GPT, GPTConfig, LoadError, PolicyWithValue, RewardModel, attention_naive, attention_sdpa, config_from_preset,
+    load_checkpoint, load_gpt2_weights, model_from_checkpoint, policy_from_checkpoint, read_safetensors,
+    save_checkpoint, last_token_index,
+)
+
+transformers = pytest.importorskip("transformers", reason="the golden test needs the dev extra (pip install -e '.[dev]')")
+
+
+def small_hf_config():
+    return transformers.GPT2Config(
+        vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(small_hf_config()).eval()
+    with torch.no_grad():  # HF initialises biases and LayerNorms to 0/1: randomise them so a swap would show
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=["safetensors", "bin"])
+def hf_folder(request, hf_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(folder)  # transformers 5 writes config.json + model.safetensors
+    if request.param == "bin":  # the older layout: a torch.save'd state dict (Conv1D weights, transposed)
+        (folder / "model.safetensors").unlink()
+        torch.save(hf_model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "sdpa"])
+def test_logits_equal_huggingface_gpt2(hf_model, hf_folder, attn_impl):
+    ours = load_gpt2_weights(hf_folder, attn_impl=attn_impl).eval()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 101, (3, 17), generator=g)
+    with torch.no_grad():
+        assert (ours(idx) - hf_model(idx).logits).abs().max() < 1e-4
+        # a left-padded batch: HF needs the position ids spelled out, ours derives them from the mask
+        mask = torch.ones(3, 17, dtype=torch.long)
+        mask[0, :5] = 0
+        mask[2, :11] = 0
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        theirs = hf_model(idx, attention_mask=mask, position_ids=pos).logits
+        real = mask.bool()
+        assert (ours(idx, attention_mask=mask)[real] - theirs[real]).abs().max() < 1e-4
+        # and each padded row equals the same tokens run alone, unpadded
+        alone = ours(idx[2:3, 11:])
+        assert (ours(idx, attention_mask=mask)[2, 11:] - alone[0]).abs().max() < 1e-4
+
+
+def test_safetensors_reader_matches_library(hf_model, tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch", reason="installed with transformers by the dev extra")
+    hf_model.save_pretrained(tmp_path)
+    ours, theirs = read_safetensors(tmp_path / "model.safetensors"), safetensors.load_file(tmp_path / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_loader_errors_name_the_folder_and_files(tmp_path):
+    with pytest.raises(LoadError, match="no such folder"):
+        load_gpt2_weights(tmp_path / "nope")
+    with pytest.raises(LoadError, match="config.json is missing"):
+        load_gpt2_weights(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(small_hf_config().to_dict()))
+    with pytest.raises(LoadError, match="model.safetensors or pytorch_model.bin"):
+        load_gpt2_weights(tmp_path)
+
+
+def test_presets_have_gpt2_shapes():
+    assert config_from_preset("gpt2").n_embd == 768
+    assert GPT(config_from_preset("tiny")).num_params() < 10_000_000
+    sizes = {name: (config_from_preset(name).n_layer, config_from_preset(name).n_embd) for name in ("gpt2-medium", "gpt2-large", "gpt2-xl")}
+    assert sizes == {"gpt2-medium": (24, 1024), "gpt2-large": (36, 1280), "gpt2-xl": (48, 1600)}
+    with pytest.raises(LoadError, match="unknown model preset"):
+        config_from_preset("gpt5")
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=64, **kw)
+    return GPT(cfg).eval()
+
+
+def test_kv_cache_generation_equals_cache_free_greedy():
+    model = tiny_gpt()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22]]
+    tokens, attn, answer = model.generate(prompts, max_new_tokens=12, eos_id=96, temperature=0)
+    Tp = 7
+    # cache-free greedy decoding, one row at a time, no padding at all
+    for b, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(12):
+            nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+            seq.append(nxt)
+            if nxt == 96:
+                break
+        n = len(seq) - len(p)
+        assert tokens[b, Tp : Tp + n].tolist() == seq[len(p):]
+        assert answer[b].sum() == n and answer[b, Tp : Tp + n].all()
+        assert attn[b].sum() == len(p) + tokens.size(1) - Tp
+
+
+def test_generation_stops_each_row_at_eos_and_is_reproducible():
+    model = tiny_gpt()
+    with torch.no_grad():  # make EOS likely (about 1 in 6 per step) so that rows stop at different steps
+        model.transformer.ln_f.bias.fill_(0.5)
+        model.transformer.wte.weight[96] = 0.08
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8], [9]]
+    a = model.generate(prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    b = model.generate(prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    c = model.generate(prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=124)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    tokens, _, answer = a
+    lengths = answer.sum(1).tolist()
+    assert len(set(lengths)) > 1 and min(lengths) < answer.size(1) - 3, lengths  # rows stopped on their own
+    for row, m in zip(tokens, answer):
+        gen = row[m.bool()].tolist()
+        assert 96 not in gen[:-1]  # nothing is generated after EOS
+        assert (row[3:][~m[3:].bool()] == 96).all()  # the tail after a row stops is EOS padding
+
+
+def test_top_k_1_is_greedy():
+    model = tiny_gpt()
+    greedy = model.generate([[1, 2, 3]], 8, eos_id=96, temperature=0)[0]
+    top1 = model.generate([[1, 2, 3]], 8, eos_id=96, temperature=1.0, top_k=1, seed=0)[0]
+    assert torch.equal(greedy, top1)
+
+
+def test_attention_impls_agree_with_left_padding_and_grads():
+    torch.manual_seed(0)
+    B, nh, T, hs = 3, 2, 13, 32
+    q, k, v = (torch.randn(B, nh, T, hs, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kv_start = torch.tensor([0, 4, 12])
+    outs = []
+    for fn in (attention_naive, attention_sdpa):
+        y = fn(q, k, v, kv_start)
+        g = torch.autograd.grad((y * torch.sin(y)).sum(), (q, k, v))
+        outs.append((y, g))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-10)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.allclose(a, b, atol=1e-10)
+    # rows of pure padding (query before its sequence starts) come out as exact zeros, no NaN
+    assert (outs[0][0][2, :, :12] == 0).all() and not outs[0][0].isnan().any()
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "triton"])
+def test_model_loss_and_grads_same_for_every_attn_impl(attn_impl):
+    if attn_impl == "triton":
+        pytest.importorskip("kernels.flash_attention", reason="the Triton kernel file is not in this checkout")
+    idx = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 19, dtype=torch.long)
+    mask[1, :6] = 0
+    results = []
+    for impl in ("naive", attn_impl):
+        model = tiny_gpt(attn_impl=impl)
+        logits = model(idx, attention_mask=mask)
+        loss = torch.nn.functional.cross_entropy(logits[mask.bool()], idx[mask.bool()])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], atol=1e-5), name
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 4]
+
+
+def test_reward_model_reads_last_real_token_whatever_the_padding():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)
+    rm = RewardModel(cfg).eval()
+    torch.nn.init.normal_(rm.reward_head.proj.weight)
+    seq = [3, 4, 5, 6, 7]
+    with torch.no_grad():
+        alone = rm(torch.tensor([seq]), torch.ones(1, 5, dtype=torch.long))
+        right = rm(torch.tensor([seq + [0, 0]]), torch.tensor([[1] * 5 + [0, 0]]))
+        left = rm(torch.tensor([[0, 0] + seq]), torch.tensor([[0, 0] + [1] * 5]))
+        rm.offset.fill_(0.25)
+        shifted = rm(torch.tensor([seq]), torch.ones(1, 5, dtype=torch.long))
+    assert torch.allclose(alone, right, atol=1e-6) and torch.allclose(alone, left, atol=1e-6)
+    assert torch.allclose(shifted, alone - 0.25)
+
+
+def test_scalar_heads_start_at_zero():
+    cfg = GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)
+    hidden, values = PolicyWithValue(cfg)(torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long))
+    assert hidden.shape == (2, 7, 32) and values.shape == (2, 7) and (values == 0).all()
+
+
+def test_checkpoint_round_trip_and_stage_check(tmp_path):
+    model = tiny_gpt(seed=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 97, (1, 5))).sum().backward()
+    opt.step()
+    path = tmp_path / "sft" / "ckpt.pt"
+    save_checkpoint(path, model, "sft", step=7, train_args={"lr": 1e-3}, optimizer=opt, extra={"note": "x"})
+    ckpt = load_checkpoint(path, ("base", "sft"))
+    assert ckpt["step"] == 7 and ckpt["train_args"] == {"lr": 1e-3} and ckpt["tokenizer"] == "gpt2"
+    assert ckpt["extra"] == {"note": "x"}
+    again = policy_from_checkpoint(ckpt)
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(idx), model(idx))
+    opt2 = torch.optim.AdamW(again.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt["optimizer"])
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+    with pytest.raises(LoadError, match=r"is a 'sft' checkpoint, but a 'reward' .*train_reward.py"):
+        load_checkpoint(path, "reward")
+    with pytest.raises(LoadError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt", "sft")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LoadError, match="cannot be read"):
+        load_checkpoint(tmp_path / "junk.pt", "sft")
+
+
+def test_ppo_checkpoint_gives_back_its_policy(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)
+    pv = PolicyWithValue(cfg)
+    save_checkpoint(tmp_path / "ppo.pt", pv, "ppo", step=1, train_args={})
+    ckpt = load_checkpoint(tmp_path / "ppo.pt", ("sft", "ppo"))
+    assert isinstance(model_from_checkpoint(ckpt), PolicyWithValue)
+    policy = policy_from_checkpoint(ckpt)
+    idx = torch.randint(0, 50, (1, 6))
+    assert torch.equal(policy(idx), pv.policy(idx))
