@@ -100,10 +100,14 @@ def tldr_prompt(subreddit, title, post):
 
 
 def split_dialogue(path, lineno, chosen, rejected):
-    """HH-RLHF stores two full dialogues that share everything up to the last assistant turn: the
-    shared part is the prompt, the two last turns are the answers."""
-    cut = chosen.rfind(ASSISTANT) + len(ASSISTANT)
-    if cut < len(ASSISTANT) or rejected[:cut] != chosen[:cut]:
+    """HH-RLHF stores two full dialogues that share everything up to an assistant turn: the shared part,
+    up to and including the last "\n\nAssistant:" they have in common, is the prompt; the rest of each
+    is its answer. (Usually that is the last turn; a few real rows continue the chosen dialogue longer.)"""
+    common = 0
+    while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+        common += 1
+    cut = chosen.rfind(ASSISTANT, 0, common) + len(ASSISTANT)
+    if cut < len(ASSISTANT):
         raise DataError(f"{path}:{lineno}: 'chosen' and 'rejected' do not share a prompt ending in '\\n\\nAssistant:'")
     return chosen[:cut], chosen[cut:], rejected[cut:]
 

@@ -1,0 +1,112 @@
+"""data.py: the tokenizer offline, every JSONL reader on the shared real-format samples, clear errors
+on malformed lines, explicit truncation, and padding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from data import (
+    EOS_ID, DataError, Truncation, encode_example, get_tokenizer, load_demonstrations, load_preferences,
+    load_prompts, pad_batch,
+)
+
+
+def test_tokenizer_is_gpt2_offline():
+    tok = get_tokenizer()
+    assert tok.encode("hello world") == [31373, 995]
+    assert tok.n_vocab == 50257 and tok.eot_token == EOS_ID
+
+
+def test_missing_tokenizer_files_give_one_line():
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": "/nonexistent/cache"}
+    r = subprocess.run([sys.executable, "-c", "import data; data.get_tokenizer()"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "TIKTOKEN_CACHE_DIR=/nonexistent/cache" in r.stderr
+
+
+def test_demonstrations_and_tldr():
+    demos = load_demonstrations(SHARED_DATA / "demonstrations_sample.jsonl")
+    assert len(demos) == 60 and all(set(d) == {"prompt", "response"} for d in demos)
+    tldr = load_demonstrations(SHARED_DATA / "tldr_sample.jsonl")
+    assert len(tldr) == 6
+    assert tldr[0]["prompt"].startswith("SUBREDDIT: r/cooking\nTITLE: My bread never rises")
+    assert tldr[0]["prompt"].endswith("\nTL;DR:") and tldr[0]["response"].startswith(" ")
+
+
+def test_hh_rlhf_is_split_at_the_last_shared_assistant_turn():
+    pairs = load_preferences(SHARED_DATA / "hh_rlhf_sample.jsonl")
+    raw = [json.loads(line) for line in (SHARED_DATA / "hh_rlhf_sample.jsonl").read_text().splitlines()]
+    assert len(pairs) == 100
+    for p, r in zip(pairs, raw):
+        assert p["prompt"].endswith("\n\nAssistant:") and p["prompt"].startswith("\n\nHuman:")
+        assert p["prompt"] + p["chosen"] == r["chosen"] and p["prompt"] + p["rejected"] == r["rejected"]
+    # almost always the last turn; a few real rows continue the chosen dialogue (row 58 of the sample)
+    single_turn = sum("\n\nAssistant:" not in p["chosen"] + p["rejected"] for p in pairs)
+    assert 95 <= single_turn < 100
+    # the generic file was made from the same rows by the same split
+    generic = load_preferences(SHARED_DATA / "preferences_sample.jsonl")
+    hh = {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs}
+    assert sum((g["prompt"], g["chosen"], g["rejected"]) in hh for g in generic) == len(generic)
+
+
+def test_scored_preferences_keep_their_scores_and_unicode():
+    rows = load_preferences(SHARED_DATA / "preferences_scored_sample.jsonl")
+    assert rows[0]["chosen_score"] == 0.92 and rows[0]["rejected_score"] == 0.05
+    assert any(r["rejected"] == "" for r in rows)
+    assert any(any(ord(c) > 0xFFFF for c in r["chosen"] + r["rejected"] + r["prompt"]) for r in rows)  # the emoji
+
+
+def test_tldr_comparisons_take_the_chosen_summary():
+    rows = load_preferences(SHARED_DATA / "tldr_comparisons_sample.jsonl")
+    assert len(rows) == 4 and all(r["prompt"].endswith("TL;DR:") for r in rows)
+    assert all(r["chosen"] != r["rejected"] for r in rows)
+
+
+def test_prompts_from_every_format():
+    assert len(load_prompts(SHARED_DATA / "hh_rlhf_sample.jsonl")) == 100
+    assert len(load_prompts(SHARED_DATA / "tldr_sample.jsonl")) == 6
+    assert len(load_prompts(SHARED_DATA / "preferences_sample.jsonl")) == 60
+
+
+@pytest.mark.parametrize("line, message", [
+    (2, "malformed_preferences.jsonl:2: not valid JSON"),
+    (3, "malformed_preferences.jsonl:3: missing field 'rejected'"),
+    (4, "malformed_preferences.jsonl:4: field 'prompt' must be a string"),
+    (6, "malformed_preferences.jsonl:6: expected a JSON object"),
+])
+def test_malformed_lines_are_named(tmp_path, line, message):
+    # each bad line of the shared file on its own after the valid first line (blank line 5 is skipped)
+    lines = (SHARED_DATA / "malformed_preferences.jsonl").read_text().splitlines()
+    path = tmp_path / "malformed_preferences.jsonl"
+    path.write_text("\n".join(lines[0:1] + [""] * (line - 2) + [lines[line - 1]]) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_preferences(path)
+    with pytest.raises(DataError, match="malformed_preferences.jsonl:2: not valid JSON"):
+        load_preferences(SHARED_DATA / "malformed_preferences.jsonl")
+
+
+def test_missing_file():
+    with pytest.raises(DataError, match="no such data file"):
+        load_demonstrations(REPO / "nope.jsonl")
+
+
+def test_truncation_is_explicit_and_counted():
+    tok = get_tokenizer()
+    trunc = Truncation(max_prompt_tokens=4, max_answer_tokens=5)
+    p, a = encode_example(tok, "one two three four five six", " a b", trunc)
+    assert p == tok.encode(" three four five six") and a == tok.encode(" a b") + [EOS_ID]
+    p, a = encode_example(tok, "hi", " a b c d e f g", trunc)
+    assert a == tok.encode(" a b c d e")  # cut: no EOS, a cut answer must not teach stopping
+    assert (trunc.prompts_cut, trunc.answers_cut, trunc.seen) == (1, 1, 2)
+    assert "1/2 prompts cut" in trunc.report()
+
+
+def test_pad_batch_both_sides():
+    ids, mask = pad_batch([[1, 2, 3], [4]], pad_id=0, side="right")
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[1, 2, 3], [4]], pad_id=0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
