@@ -11,9 +11,12 @@ Formats read (one JSON object per line; blank lines are skipped):
 Every record becomes a dict with the generic keys (prompt/response or prompt/chosen/rejected).
 """
 
+import argparse
 import json
 import os
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -222,3 +225,86 @@ def pad_batch(sequences, pad_id=EOS_ID, side="right", device="cpu"):
         ids[b, cols] = torch.tensor(s, dtype=torch.long)
         mask[b, cols] = 1
     return ids.to(device), mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Running a stage: flags with help text, device, metrics log, progress
+
+
+def flag(default, help):
+    """A config field with its help text beside it; `--help` shows it."""
+    return field(default=default, metadata={"help": help})
+
+
+def parse_args(config_class, argv=None):
+    """Command-line flags from a config dataclass: one --name per field, its help from flag(...)."""
+    parser = argparse.ArgumentParser(description=config_class.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(config_class):
+        kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (the matmuls in bf16, the reductions and the weights in fp32); fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+class MetricsLog:
+    """Metrics appended as one JSON object per line: what the notebooks plot. On resume, the lines written
+    after the checkpoint's step are dropped so that the log reads as one uninterrupted run."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """A one-line progress bar on a terminal (a plain line per update in a log file or notebook)."""
+
+    def __init__(self, name, total, start=0):
+        self.name, self.total, self.t0, self.start = name, total, time.time(), start
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step, **metrics):
+        done = step / max(self.total, 1)
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        line = f"[{self.name}] [{bar}] {step}/{self.total} | {text} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def run(main):
+    """Run a script's main; a LoadError (bad file, bad flag, wrong checkpoint) is one line, no traceback."""
+    try:
+        main()
+    except LoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

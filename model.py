@@ -295,7 +295,8 @@ class GPT(nn.Module):
         Prompts are left-padded so that every row's next token is at the same column. Each row stops at
         its own EOS; after it, the row is filled with EOS and masked out. temperature=0 is greedy.
         Returns (tokens, attention_mask, answer_mask), each (B, Tp + n): answer_mask is 1 exactly on the
-        generated tokens, the EOS that ended a row included (it was an action too)."""
+        generated tokens, the EOS that ended a row included (it was an action too); attention_mask is 1
+        on the prompt and the answer, so the last 1 of a row is its last real token."""
         device = self.transformer.wte.weight.device
         B, Tp = len(prompts), max(len(p) for p in prompts)
         if Tp + max_new_tokens > self.config.block_size:
@@ -326,6 +327,7 @@ class GPT(nn.Module):
                 break
             logits = self(next_token[:, None], attention_mask[:, : t + 1], next_pos[:, None], cache)[:, -1]
             next_pos += 1
+        attention_mask[:, Tp:] = answer_mask[:, Tp:]  # the EOS padding after a finished answer is not real
         return tokens[:, :n], attention_mask[:, :n], answer_mask[:, :n]
 
 

@@ -10,3 +10,29 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "data" / "tiktoken_cache"))
 sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """One short SFT run on the built-in task, shared by the SFT, reward-model and PPO tests."""
+    import train_sft
+
+    out = tmp_path_factory.mktemp("sft")
+    cfg = train_sft.Config(out_dir=str(out), n_train=4000, n_eval=100, eval_prompts=48, max_iters=150,
+                           eval_interval=150, warmup_iters=10)
+    train_sft.main(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run, tmp_path_factory):
+    """One short reward-model run from that SFT model: (out dir, config, model, final metrics)."""
+    import train_reward
+
+    out = tmp_path_factory.mktemp("reward")
+    cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=3000, n_eval=300,
+                              max_iters=120, eval_interval=120, norm_prompts=64)
+    model, metrics = train_reward.main(cfg)
+    return out, cfg, model, metrics

@@ -111,7 +111,7 @@ def test_kv_cache_generation_equals_cache_free_greedy():
         n = len(seq) - len(p)
         assert tokens[b, Tp : Tp + n].tolist() == seq[len(p):]
         assert answer[b].sum() == n and answer[b, Tp : Tp + n].all()
-        assert attn[b].sum() == len(p) + tokens.size(1) - Tp
+        assert attn[b].sum() == len(p) + n and attn[b, Tp - len(p):Tp + n].all()
 
 
 def test_generation_stops_each_row_at_eos_and_is_reproducible():

@@ -1,20 +1,12 @@
 """Tests for task.py: the built-in task, its gold judge and its simulated labellers."""
 
 import math
-import os
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# tiktoken reads the GPT-2 files from this cache instead of downloading them (see shared/data/README.md).
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / ".." / "shared" / "data" / "tiktoken_cache"))
-
-import task  # noqa: E402
-from task import GOLD_MAX, GOLD_MIN, format_prompt, gold_score, gold_terms  # noqa: E402
+import task
+from task import GOLD_MAX, GOLD_MIN, format_prompt, gold_score, gold_terms
 
 HAPPY_SEA = format_prompt("Write a happy sentence about the sea.")
 BANANA = format_prompt("What color is a banana?")

@@ -1,0 +1,93 @@
+"""train_sft.py: the answer-only loss mask, the loss against a hand computation, a short run on the
+built-in task that must improve it, and resume."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_sft
+from model import GPT, GPTConfig, LoadError, load_checkpoint
+from train_sft import IGNORE, Config, sft_batch, sft_loss
+
+
+def test_loss_mask_covers_exactly_the_answer_tokens():
+    # prompt [11, 12, 13], answer [21, 22, EOS]; prompt [31], answer [41, EOS]
+    idx, targets, mask = sft_batch([([11, 12, 13], [21, 22, 50256]), ([31], [41, 50256])])
+    assert idx.tolist() == [[11, 12, 13, 21, 22], [31, 41, 50256, 50256, 50256]]
+    # position t predicts token t+1: the first answer token is predicted from the last prompt token
+    assert targets.tolist() == [[IGNORE, IGNORE, 21, 22, 50256], [41, 50256, IGNORE, IGNORE, IGNORE]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_sft_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))  # GPT-2's vocabulary: EOS pads
+    examples = [([1, 2, 3], [4, 5, 50256]), ([6], [7, 50256])]
+    idx, targets, mask = sft_batch(examples)
+    loss = sft_loss(model, idx, targets, mask)
+    expected = 0.0
+    for p, a in examples:  # each sequence alone, unpadded: -log p(a_t | prompt, a_<t), summed
+        seq = torch.tensor([p + a])
+        logp = F.log_softmax(model(seq)[0], dim=-1)
+        for t in range(len(a)):
+            expected -= logp[len(p) - 1 + t, a[t]]
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = Config(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train_sft.lr_at(0, cfg) == pytest.approx(0.1) and train_sft.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train_sft.lr_at(60, cfg) == pytest.approx(0.55) and train_sft.lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_short_run_lowers_eval_loss_and_raises_gold(sft_run):
+    evals = [r for r in read_log(sft_run / "metrics.jsonl") if "eval_loss" in r]
+    first, last = evals[0], evals[-1]
+    assert first["step"] == 0
+    assert last["eval_loss"] < 0.5 * first["eval_loss"]
+    # untrained: random tokens (gold near -2); after SFT: template answers like the demonstrations
+    assert last["gold"] > first["gold"] + 1.0, (first, last)
+    ckpt = load_checkpoint(sft_run / "ckpt.pt", "sft")
+    assert ckpt["step"] == last["step"] and ckpt["train_args"]["max_iters"] == last["step"]
+
+
+def small_cfg(out_dir, **kw):
+    base = dict(out_dir=str(out_dir), n_train=256, n_eval=32, eval_prompts=4, batch_size=8, max_iters=8,
+                eval_interval=4, warmup_iters=2, max_answer_tokens=24)
+    return Config(**{**base, **kw})
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
+    straight = train_sft.main(small_cfg(tmp_path / "a"))
+
+    # the same run, killed right after its first checkpoint (step 4), then resumed
+    real_save = train_sft.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sft, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft.main(small_cfg(tmp_path / "b"))
+    monkeypatch.setattr(train_sft, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt", "sft")["step"] == 4
+    resumed = train_sft.main(small_cfg(tmp_path / "b", resume=True))
+
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    steps = [r["step"] for r in read_log(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps))  # the log reads as one run, no step twice
+
+
+def test_resume_without_checkpoint_and_wrong_stage_are_one_line_errors(tmp_path):
+    with pytest.raises(LoadError, match="no such checkpoint"):
+        train_sft.main(small_cfg(tmp_path, resume=True))
+    with pytest.raises(LoadError, match="--weights"):
+        train_sft.main(small_cfg(tmp_path, init="gpt2"))

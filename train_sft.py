@@ -1,0 +1,254 @@
+"""
+Stage 2 of RLHF: supervised fine-tuning (SFT).
+
+A pretrained GPT (or, on the built-in task, a tiny GPT from scratch) learns to answer prompts by
+imitating demonstrations. The loss is the usual next-token cross-entropy, but only on the answer:
+
+    loss = - 1/N * sum over answer tokens t of log p(a_t | prompt, a_<t)
+
+The prompt is context, not something the model should learn to write, so its tokens (and the padding)
+get the target -100, which cross_entropy ignores. The resulting SFT model is stage 3's starting point
+(the reward model) and stage 4's policy and reference.
+
+    python train_sft.py                                   # built-in task, tiny GPT from scratch, CPU
+    python train_sft.py --init gpt2 --weights DIR --data ../shared/data/demonstrations_sample.jsonl
+    python train_sft.py --resume                          # continue from out/sft/ckpt.pt
+"""
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import task
+from data import (
+    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, encode_example, encode_prompt, flag,
+    get_tokenizer, load_demonstrations, pad_batch, parse_args, pick_device, run,
+)
+from model import GPT, config_from_preset, load_checkpoint, load_gpt2_weights, policy_from_checkpoint, save_checkpoint
+
+IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions
+
+
+@dataclass
+class Config:
+    """Supervised fine-tuning: cross-entropy on the answer tokens of (prompt, answer) demonstrations."""
+
+    out_dir: str = flag("out/sft", "folder for ckpt.pt, metrics.jsonl and samples")
+    data: str = flag("default", "'default' for the built-in task, or a JSONL file of {prompt, response} or TL;DR lines")
+    eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
+    init: str = flag("scratch", "'scratch' (a new GPT of --preset), 'gpt2' (Hugging Face weights in --weights), or a checkpoint path")
+    preset: str = flag("tiny", "model shape for --init scratch: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    weights: str = flag("", "local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)")
+    n_train: int = flag(20000, "number of demonstrations drawn from the built-in task")
+    n_eval: int = flag(500, "number of held-out demonstrations for the eval loss (built-in task)")
+    max_prompt_tokens: int = flag(64, "prompts longer than this keep their last tokens")
+    max_answer_tokens: int = flag(48, "answers longer than this are cut (and then do not end with EOS)")
+    batch_size: int = flag(32, "sequences per micro-batch")
+    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    max_iters: int = flag(600, "optimizer steps")
+    lr: float = flag(2e-3, "peak learning rate (use ~2e-5 for GPT-2 weights)")
+    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = flag(30, "linear warmup steps")
+    weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
+    eval_interval: int = flag(100, "evaluate, sample and checkpoint every this many steps")
+    eval_prompts: int = flag(64, "held-out prompts sampled for the gold score (built-in task)")
+    temperature: float = flag(1.0, "sampling temperature for the eval samples (1.0: the policy as PPO will see it)")
+    seed: int = flag(1337, "seed for the data order, the model init and sampling")
+    device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
+    resume: bool = flag(False, "continue from out_dir/ckpt.pt at the step it saved")
+
+
+# -----------------------------------------------------------------------------
+# The pieces worth testing
+
+
+def sft_batch(examples, device="cpu"):
+    """(prompt ids, answer ids) pairs -> idx, targets (B, T), right-padded.
+
+    The model reads seq[:-1] and predicts seq[1:]. A target is kept only when it is an answer token:
+    position t predicts seq[t+1], which is in the answer iff t+1 >= len(prompt)."""
+    seqs = [p + a for p, a in examples]
+    idx, mask = pad_batch([s[:-1] for s in seqs], pad_id=EOS_ID, device=device)  # (B, T)
+    targets = torch.full_like(idx, IGNORE)
+    for b, (p, a) in enumerate(examples):
+        targets[b, len(p) - 1 : len(p) - 1 + len(a)] = torch.tensor(a)
+    return idx, targets, mask
+
+
+def sft_loss(model, idx, targets, mask):
+    """Sum of -log p(target) over the answer tokens. The logits are computed only at answer positions:
+    the (B, T, V) logits of the prompt would cost memory and time for targets we ignore."""
+    hidden = model.hidden_states(idx, mask)  # (B, T, C)
+    keep = targets != IGNORE
+    logits = model.lm_head(hidden[keep])  # (N, V), N answer tokens
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay from lr to min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def batch_indices(k, n, batch_size, seed):
+    """Which of n examples make the k-th batch: a fixed function of k (a new shuffle each epoch), so a
+    resumed run sees exactly the batches the uninterrupted run would have seen."""
+    epoch, i = divmod(k, n // batch_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[i * batch_size : (i + 1) * batch_size].tolist()
+
+
+@torch.no_grad()
+def sample_answers(model, tok, prompts, max_prompt_tokens, max_new_tokens, temperature, seed):
+    """Answers sampled from the model for a list of prompt strings, decoded to text (EOS dropped)."""
+    trunc = Truncation(max_prompt_tokens, max_new_tokens)
+    prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
+    answers = []
+    for start in range(0, len(prompts), 64):
+        tokens, _, answer_mask = model.generate(prompt_ids[start : start + 64], max_new_tokens, EOS_ID,
+                                                temperature=temperature, seed=seed + start)
+        for row, m in zip(tokens.tolist(), answer_mask.tolist()):
+            answers.append(tok.decode([t for t, keep in zip(row, m) if keep and t != EOS_ID]))
+    return answers
+
+
+@torch.no_grad()
+def evaluate(model, tok, eval_examples, eval_prompts, cfg, device, seed):
+    """Held-out loss per answer token, and on the built-in task the mean gold score of sampled answers."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(eval_examples), cfg.batch_size):
+        idx, targets, mask = sft_batch(eval_examples[start : start + cfg.batch_size], device)
+        with autocast(device):
+            total += sft_loss(model, idx, targets, mask).item()  # a sync point, fine at eval time
+        count += int((targets != IGNORE).sum())
+    metrics = {"eval_loss": total / count}
+    samples = []
+    if eval_prompts:
+        answers = sample_answers(model, tok, eval_prompts, cfg.max_prompt_tokens, cfg.max_answer_tokens, cfg.temperature, seed)
+        gold = [task.gold_score(p, a) for p, a in zip(eval_prompts, answers)]
+        metrics["gold"] = sum(gold) / len(gold)
+        samples = [{"prompt": p, "answer": a, "gold": g} for p, a, g in zip(eval_prompts, answers, gold)]
+    model.train()
+    return metrics, samples
+
+
+# -----------------------------------------------------------------------------
+# The training run
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tok = get_tokenizer()
+    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
+
+    # --- data: demonstrations -> (prompt ids, answer ids) ---
+    if cfg.data == "default":
+        train_rows = task.demonstrations(cfg.n_train, "train", cfg.seed)
+        eval_rows = task.demonstrations(cfg.n_eval, "eval", cfg.seed)
+        eval_prompts = task.make_prompts(cfg.eval_prompts, "eval", cfg.seed + 1)
+    else:
+        train_rows = load_demonstrations(cfg.data)
+        if cfg.eval_data:
+            eval_rows = load_demonstrations(cfg.eval_data)
+        else:
+            n_eval = max(1, len(train_rows) // 10)
+            train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
+        eval_prompts = []  # no gold judge for outside data: the eval loss is the measure
+    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
+    train = [encode_example(tok, r["prompt"], r["response"], trunc) for r in train_rows]
+    eval_examples = [encode_example(tok, r["prompt"], r["response"], trunc) for r in eval_rows]
+    print(f"data: {len(train)} train and {len(eval_examples)} eval demonstrations from {cfg.data}; {trunc.report()}")
+    if len(train) < cfg.batch_size:
+        raise DataError(f"{cfg.data}: {len(train)} training examples, fewer than --batch_size {cfg.batch_size}")
+
+    # --- model: from scratch, from GPT-2 weights, or from a checkpoint ---
+    start_iter, resume_ckpt = 0, None
+    if cfg.resume:
+        resume_ckpt = load_checkpoint(ckpt_path, "sft")
+        model, start_iter = policy_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
+        print(f"resuming {ckpt_path} at step {start_iter}")
+    elif cfg.init == "scratch":
+        model = GPT(config_from_preset(cfg.preset, attn_impl=cfg.attn_impl))
+    elif cfg.init == "gpt2":
+        if not cfg.weights:
+            raise DataError("--init gpt2 needs --weights DIR, a local Hugging Face GPT-2 folder")
+        model = load_gpt2_weights(cfg.weights, cfg.attn_impl)
+    else:
+        model = policy_from_checkpoint(load_checkpoint(cfg.init, ("base", "sft", "ppo")), cfg.attn_impl)
+    longest = max(len(p) + len(a) for p, a in train + eval_examples)
+    if longest > model.config.block_size:
+        raise DataError(f"examples reach {longest} tokens but the model's block_size is {model.config.block_size}; "
+                        f"lower --max_prompt_tokens/--max_answer_tokens")
+    model.to(device).train()
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters, {model.config.n_layer} layers, d={model.config.n_embd}, device {device}")
+
+    # weight decay on matrices only: biases and LayerNorm gains are not capacity to regularise
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
+
+    def checkpoint(step, metrics):
+        save_checkpoint(ckpt_path, model, "sft", step, asdict(cfg), optimizer, extra={"metrics": metrics})
+
+    if start_iter == 0:  # the untrained (or pretrained) model, for the "before" of every curve
+        metrics, samples = evaluate(model, tok, eval_examples, eval_prompts, cfg, device, cfg.seed)
+        log.write({"step": 0, **metrics})
+        print(f"step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    progress = Progress("sft", cfg.max_iters, start_iter)
+    t0, tokens_seen = time.time(), 0
+    for it in range(start_iter, cfg.max_iters):
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [sft_batch([train[i] for i in batch_indices(it * cfg.grad_accum + m, len(train), cfg.batch_size, cfg.seed)], device)
+                         for m in range(cfg.grad_accum)]
+        # the loss is a mean over all answer tokens of the step, however they fall into micro-batches
+        n_answer = sum(int((targets != IGNORE).sum()) for _, targets, _ in micro_batches)
+        loss_sum = 0.0
+        for idx, targets, mask in micro_batches:
+            with autocast(device):
+                loss = sft_loss(model, idx, targets, mask) / n_answer
+            loss.backward()
+            loss_sum += loss.detach()
+            tokens_seen += int(mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step = it + 1
+        if step % 10 == 0 or step == cfg.max_iters:
+            loss_value = float(loss_sum)  # a sync point: only every 10 steps
+            tok_s = tokens_seen / (time.time() - t0)
+            log.write({"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s})
+            progress.update(step, loss=loss_value, lr=lr, tok_s=f"{tok_s:.0f}")
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            metrics, samples = evaluate(model, tok, eval_examples, eval_prompts, cfg, device, cfg.seed + step)
+            log.write({"step": step, **metrics})
+            checkpoint(step, metrics)
+            progress.close()
+            print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; saved {ckpt_path}")
+            for s in samples[:3]:
+                print(f"  {s['prompt']!r} -> {s['answer']!r} (gold {s['gold']:.2f})")
+    progress.close()
+    if cfg.data == "default":
+        print(f"gold score: the best possible is {task.GOLD_MAX}; the demonstrations average "
+              f"{sum(task.gold_score(r['prompt'], r['response']) for r in eval_rows) / len(eval_rows):.3f}")
+    return model
+
+
+if __name__ == "__main__":
+    run(lambda: main(parse_args(Config)))
