@@ -241,3 +241,18 @@ def test_ppo_checkpoint_gives_back_its_policy(tmp_path):
     policy = policy_from_checkpoint(ckpt)
     idx = torch.randint(0, 50, (1, 6))
     assert torch.equal(policy(idx), pv.policy(idx))
+
+
+def test_sampling_follows_the_softmax_and_its_filters():
+    from model import sample_next_token
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -50.0, 1.5]]).repeat(100_000, 1)
+    g = torch.Generator().manual_seed(0)
+    freq = lambda s: torch.bincount(s, minlength=5).float() / len(s)  # noqa: E731
+    assert torch.allclose(freq(sample_next_token(logits, 1.0, generator=g)), logits[0].softmax(-1), atol=0.01)
+    assert torch.allclose(freq(sample_next_token(logits, 0.5, generator=g)), (logits[0] / 0.5).softmax(-1), atol=0.01)
+    top2 = torch.tensor([0.0, 0.0, 2.0, 0.0, 1.5]).masked_fill(torch.tensor([1, 1, 0, 1, 0]).bool(), float("-inf"))
+    assert torch.allclose(freq(sample_next_token(logits, 1.0, top_k=2, generator=g)), top2.softmax(-1), atol=0.01)
+    # top_p=0.5: token 2 alone has p=0.43 < 0.5, so the nucleus is {2, 4}
+    assert torch.allclose(freq(sample_next_token(logits, 1.0, top_p=0.5, generator=g)), top2.softmax(-1), atol=0.01)
+    assert (sample_next_token(logits, 0) == 2).all()
