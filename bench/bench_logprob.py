@@ -1,0 +1,282 @@
+"""Benchmark: per-token log-probs over a GPT-2 vocabulary, the fused kernels against plain PyTorch.
+
+Each case runs forward + backward of one loss at V = 50257 (a sum of the outputs, so every output gets a
+gradient):
+  log_softmax+gather  torch.log_softmax(logits, -1).gather(...)      logp only, in the logits' dtype
+  cross_entropy       -F.cross_entropy(logits, targets, reduction="none")   logp only
+  reference           logprobs_reference: logp and entropy in fp32 (what impl="torch" runs)
+  triton              token_logprobs(impl="triton"): logp and entropy in fp32, one pass over the logits
+and, from hidden states (N, C) and the LM head (V, C), C = 768 (GPT-2 small):
+  linear reference    linear_logprobs_reference: all (N, V) logits at once
+  linear chunked      linear_logprobs: chunk_size rows of logits at a time (Triton on CUDA, PyTorch on CPU)
+
+On CUDA it reports the median time, GB/s = bytes of the logits / time, and peak memory above the inputs
+(torch.cuda.max_memory_allocated). The bottleneck is memory bandwidth, so the bound is measured too: a
+copy (x.clone() of the same bytes) reads and writes them once. A fused forward + backward must read the
+logits twice (forward, backward) and write their gradient once, 3 x bytes in all; "% of copy" is
+(3 x bytes / time) / copy bandwidth, 100% meaning as fast as memory allows. The linear cases are
+matmul-bound instead: they report useful TFLOP/s, 6 N V C per step (the chunked backward does 2 N V C
+more to recompute the logits, not counted).
+
+On CPU it reports peak memory only (the growth of resident memory, read from /proc, so Linux only):
+CPU timings would say nothing about the GPU, so timings need a CUDA device.
+
+    python bench/bench_logprob.py                     # CUDA: N = 4096, 16384, 65536; fp32 and bf16
+    python bench/bench_logprob.py --quick             # one size, one dtype, 3 repetitions
+    python bench/bench_logprob.py --sizes 1024,2048 --dtypes bf16
+"""
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `kernels`
+from kernels.logprob import (  # noqa: E402
+    HAVE_TRITON,
+    linear_logprobs,
+    linear_logprobs_reference,
+    logprobs_reference,
+    token_logprobs,
+)
+
+
+@dataclass
+class Args:
+    sizes: str = field(default="", metadata={"help": "comma-separated N (rows = tokens); default "
+                                                     "4096,16384,65536 on CUDA, 1024,4096 on CPU"})
+    dtypes: str = field(default="fp32,bf16", metadata={"help": "comma-separated dtypes: fp32, fp16, bf16"})
+    vocab: int = field(default=50257, metadata={"help": "V, the vocabulary size (GPT-2's)"})
+    n_embd: int = field(default=768, metadata={"help": "C, hidden size of the linear cases (GPT-2 small)"})
+    chunk_size: int = field(default=1024, metadata={"help": "rows of logits per chunk in linear_logprobs"})
+    reps: int = field(default=10, metadata={"help": "timed repetitions per case on CUDA (shows the median)"})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto (cuda when available)"})
+    quick: bool = field(default=False, metadata={"help": "a smoke test: one size (the smallest; 4096 on "
+                                                         "CUDA, 2048 on CPU), the first dtype, 3 reps"})
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cases: each returns a scalar loss from (logits, targets) or (hidden, weight, targets)
+
+
+def log_softmax_gather(logits, targets):
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).sum()
+
+
+def cross_entropy(logits, targets):
+    return -F.cross_entropy(logits, targets, reduction="none").sum()
+
+
+def reference(logits, targets):
+    logp, entropy = logprobs_reference(logits, targets)
+    return (logp + entropy).sum()
+
+
+def fused(logits, targets):
+    logp, entropy = token_logprobs(logits, targets, impl="triton")
+    return (logp + entropy).sum()
+
+
+def linear_reference(hidden, weight, targets, chunk_size):
+    logp, entropy = linear_logprobs_reference(hidden, weight, targets)
+    return (logp + entropy).sum()
+
+
+def linear_chunked(hidden, weight, targets, chunk_size):
+    impl = "triton" if hidden.is_cuda else "torch"
+    logp, entropy = linear_logprobs(hidden, weight, targets, chunk_size=chunk_size, impl=impl)
+    return (logp + entropy).sum()
+
+
+LOGITS_CASES = {"log_softmax+gather": log_softmax_gather, "cross_entropy": cross_entropy,
+                "reference": reference, "triton": fused}
+LINEAR_CASES = {"linear reference": linear_reference, "linear chunked": linear_chunked}
+
+
+def make_inputs(case, N, V, C, dtype, device):
+    """The leaves of one case, fresh: logits (N, V), or hidden (N, C) and weight (V, C); then targets."""
+    targets = torch.randint(0, V, (N,), device=device)  # (N,)
+    if case in LOGITS_CASES:
+        logits = torch.randn(N, V, device=device, dtype=dtype).requires_grad_()  # (N, V)
+        return logits, targets
+    hidden = torch.randn(N, C, device=device, dtype=dtype).requires_grad_()  # (N, C)
+    weight = (torch.randn(V, C, device=device, dtype=dtype) * C**-0.5).requires_grad_()  # (V, C)
+    return hidden, weight, targets
+
+
+def step(case, inputs, chunk_size):
+    """One forward + backward; the gradients land in .grad of the inputs."""
+    for x in inputs:
+        x.grad = None
+    if case in LOGITS_CASES:
+        LOGITS_CASES[case](*inputs).backward()
+    else:
+        LINEAR_CASES[case](*inputs, chunk_size).backward()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA: time, bandwidth, peak memory
+
+
+def cuda_time_ms(fn, reps):
+    """Median milliseconds of fn() over reps runs, after one warm-up run (Triton compiles there)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()  # a CPU-GPU sync point, outside the timed interval
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cuda_case(case, N, V, C, dtype, args, reps):
+    """(ms, peak bytes above the inputs) of one case, or None when it runs out of memory."""
+    try:
+        inputs = make_inputs(case, N, V, C, dtype, "cuda")
+        step(case, inputs, args.chunk_size)  # warm-up, outside the memory measurement
+        for x in inputs:
+            x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(case, inputs, args.chunk_size)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = cuda_time_ms(lambda: step(case, inputs, args.chunk_size), reps)
+        result = ms, peak
+    except torch.cuda.OutOfMemoryError:
+        result = None
+    inputs = None  # drop the tensors (after an OOM the traceback held them until here)
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_cuda(args, sizes, dtypes, reps):
+    V, C = args.vocab, args.n_embd
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"triton {__import__('triton').__version__ if HAVE_TRITON else 'not installed'}")
+    print(f"V = {V}, C = {C}, chunk_size = {args.chunk_size}, forward + backward, median of {reps}\n")
+    header = (f"{'N':>6} {'dtype':>5}  {'case':<19} {'ms':>8} {'GB/s':>7} {'% of copy':>9} {'TFLOP/s':>8} "
+              f"{'peak GB':>8}")
+    for N in sizes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            logits_bytes = N * V * dtype.itemsize
+            try:
+                x = torch.empty(N, V, device="cuda", dtype=dtype)
+                copy_ms = cuda_time_ms(lambda: x.clone(), reps)
+                copy_gbs = 2 * logits_bytes / copy_ms / 1e6  # read + write
+            except torch.cuda.OutOfMemoryError:
+                copy_gbs = float("nan")
+            x = None
+            torch.cuda.empty_cache()
+            print(header)
+            print(f"{N:>6} {dtype_name:>5}  {'copy (x.clone())':<19} {'':>8} {copy_gbs:>7.0f}")
+            for case in [*LOGITS_CASES, *LINEAR_CASES]:
+                if case == "triton" and not HAVE_TRITON:
+                    continue
+                result = cuda_case(case, N, V, C, dtype, args, reps)
+                if result is None:
+                    print(f"{N:>6} {dtype_name:>5}  {case:<19} {'out of memory':>8}")
+                    continue
+                ms, peak = result
+                if case in LOGITS_CASES:
+                    gbs = logits_bytes / ms / 1e6
+                    of_copy = 100 * 3 * logits_bytes / ms / 1e6 / copy_gbs
+                    print(f"{N:>6} {dtype_name:>5}  {case:<19} {ms:>8.2f} {gbs:>7.0f} {of_copy:>8.0f}% "
+                          f"{'':>8} {peak / 1e9:>8.2f}")
+                else:
+                    tflops = 6 * N * V * C / ms / 1e9
+                    print(f"{N:>6} {dtype_name:>5}  {case:<19} {ms:>8.2f} {'':>7} {'':>9} {tflops:>8.1f} "
+                          f"{peak / 1e9:>8.2f}")
+            print()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: peak memory only
+
+
+def _status_bytes(key):
+    # /proc/self/status (Linux): VmRSS is the resident memory now, VmHWM its high-water mark
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def cpu_peak_bytes(case, N, V, C, dtype, chunk_size):
+    """How far one forward + backward raises the resident memory above what the inputs already use."""
+    step(case, make_inputs(case, min(N, 64), V, C, dtype, "cpu"), chunk_size)  # pages in torch's code
+    inputs = make_inputs(case, N, V, C, dtype, "cpu")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident memory (Linux >= 4.0)
+    base = _status_bytes("VmRSS")
+    step(case, inputs, chunk_size)
+    return _status_bytes("VmHWM") - base
+
+
+def run_cpu(args, sizes, dtypes):
+    V, C = args.vocab, args.n_embd
+    print(f"device: CPU ({platform.machine()}), torch {torch.__version__}")
+    print("timings need a GPU: on CPU this reports peak memory only, the growth of resident memory during "
+          "one forward + backward above the inputs (it includes the gradients of the inputs).")
+    print(f"V = {V}, C = {C}, chunk_size = {args.chunk_size}; the Triton case is skipped (the interpreter "
+          "is a correctness tool)\n")
+    if not os.path.exists("/proc/self/clear_refs"):
+        print("peak memory on CPU is read from /proc/self (Linux only); nothing to report here")
+        return
+    print(f"{'N':>6} {'dtype':>5}  {'case':<19} {'peak GB':>8}   for scale: one (N, V) fp32 tensor is")
+    for N in sizes:
+        for dtype_name in dtypes:
+            for case in [c for c in [*LOGITS_CASES, *LINEAR_CASES] if c != "triton"]:
+                peak = cpu_peak_bytes(case, N, V, C, DTYPES[dtype_name], args.chunk_size)
+                print(f"{N:>6} {dtype_name:>5}  {case:<19} {peak / 1e9:>8.2f}   {N * V * 4 / 1e9:.2f} GB")
+            print()
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                help=f"{f.metadata['help']} (default: {f.default!r})")
+    return Args(**vars(parser.parse_args()))
+
+
+def main():
+    args = parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    default_sizes = "4096,16384,65536" if device == "cuda" else "1024,4096"
+    sizes = [int(n) for n in (args.sizes or default_sizes).split(",")]
+    dtypes = args.dtypes.split(",")
+    for name in dtypes:
+        if name not in DTYPES:
+            raise SystemExit(f"--dtypes: unknown dtype '{name}', choose from {', '.join(DTYPES)}")
+    reps = args.reps
+    if args.quick:
+        sizes = [min(sizes) if args.sizes else (4096 if device == "cuda" else 2048)]
+        dtypes, reps = dtypes[:1], 3
+    if device == "cuda":
+        run_cuda(args, sizes, dtypes, reps)
+    else:
+        run_cpu(args, sizes, dtypes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,649 @@
+"""Fused per-token log-probs, entropy and KL over a large vocabulary, in Triton, forward and backward.
+
+Every RLHF stage needs, for each token of a rollout, log p(token) under the policy and again under the
+reference model, often the entropy of the policy, and sometimes the full KL(policy || reference). The
+textbook way builds log_softmax over the whole vocabulary first. At V = 50257 that is huge: for
+N = B * T = 16384 tokens, one fp32 (N, V) tensor is 16384 * 50257 * 4 bytes = 3.3 GB.
+logprobs_reference below keeps two of them for its backward (log_softmax and its exp), and its forward
++ backward peaks at about five (the gradients of those, the gradient of the logits): ~16 GB for
+numbers we only need N of.
+
+The kernels read each row of logits once, keep a running max and sums in registers (the online
+log-sum-exp), and write a few floats per row. The backward reads the row once more and rebuilds the
+softmax from two saved floats per row. Nothing of size (N, V) is stored except the gradient itself.
+
+Read in this order:
+  1. log-prob and entropy of the target:  logprobs_reference, _logprobs_fwd_kernel,
+     _logprobs_bwd_kernel, their host wrappers, _LogProbs, logprobs_triton
+  2. full KL(p || q) per token:           kl_reference, _kl_fwd_kernel, _kl_bwd_kernel, host wrappers,
+     _KL, kl_triton
+  3. from hidden states and the LM head, never holding all (N, V) logits: linear_logprobs_reference,
+     _LinearLogProbs (chunks + part 1's kernels), _linear_logprobs_torch (chunks + checkpoint),
+     linear_logprobs
+  4. token_logprobs, token_kl: the one place where the training scripts choose kernel or reference
+
+Shapes: logits (N, V) -- callers flatten (B, T, V) with logits.reshape(-1, V) -- targets int64 (N,),
+hidden (N, C), LM-head weight (V, C). Inputs fp32, fp16 or bf16; all math in fp32; outputs fp32;
+gradients come back in the dtype of the input they belong to. Logits must be finite: a -inf logit gives
+an entropy term 0 * -inf = nan, in the reference too. temperature divides the logits before the softmax,
+exactly as sampling did, so log-probs score the tokens under the distribution they were drawn from.
+
+References: the online softmax of Milakov & Gimelshein 2018 ("Online normalizer calculation for
+softmax", arXiv:1805.02867); the layout follows Liger-Kernel's ops/cross_entropy.py and
+fused_linear_cross_entropy.py, without their in-place overwrite of the caller's logits.
+"""
+
+import os
+import warnings
+from types import SimpleNamespace
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # e.g. macOS: the PyTorch paths below still work and the kernels are never launched
+    HAVE_TRITON = False
+    triton = SimpleNamespace(jit=lambda fn: fn)  # lets the kernel definitions below import
+    tl = SimpleNamespace(constexpr=None)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Log-prob of the target and entropy of each row
+#
+# Notation for one row: z (V,) the logits, tau the temperature, s = z / tau, p = softmax(s), y the target.
+#   m = max_j s_j,   d = sum_j exp(s_j - m),   lse = log sum_j exp(s_j) = m + log d
+#   logp_y = s_y - lse = (s_y - m) - log d
+#   H = -sum_j p_j log p_j,  with log p_j = (s_j - m) - log d,
+#     = log d - (1/d) sum_j exp(s_j - m) (s_j - m)  =  log d - w / d
+
+
+def logprobs_reference(logits, targets, temperature=1.0):
+    """(logp (N,), entropy (N,)) in fp32: log_softmax(logits / temperature) gathered at targets, and
+    the entropy of each row. The definition the kernels must match; the memory of each line is noted
+    for logits (N, V), and the backward allocates as much again for the gradients."""
+    scaled = logits.float() / temperature  # (N, V) 4NV bytes (8NV while a bf16 input's fp32 copy lives)
+    logp_all = torch.log_softmax(scaled, dim=-1)  # (N, V) 4NV bytes, kept for the backward
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    p = logp_all.exp()  # (N, V) 4NV bytes, kept for the backward
+    entropy = -(p * logp_all).sum(dim=-1)  # (N,) through a 4NV-byte temporary
+    return logp, entropy
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, targets_ptr,  # inputs: (N, V) contiguous in any float dtype, (N,) int64
+    logp_ptr, entropy_ptr, row_max_ptr, row_log_d_ptr,  # outputs: (N,) fp32 each
+    V, temperature,
+    BLOCK_V: tl.constexpr,
+):
+    # One program per row. It walks the row BLOCK_V columns at a time, keeping for the columns seen
+    # so far (the online log-sum-exp):
+    #   m = max s_j,   d = sum exp(s_j - m),   w = sum exp(s_j - m) (s_j - m)
+    # When a block raises the max from m to m_new, every old exp(s_j - m) becomes
+    # exp(s_j - m_new) = alpha exp(s_j - m) with alpha = exp(m - m_new), and every old (s_j - m)
+    # becomes (s_j - m) + (m - m_new). So:
+    #   d <- alpha d + sum_block exp(s_j - m_new)
+    #   w <- alpha (w + (m - m_new) d) + sum_block exp(s_j - m_new) (s_j - m_new)
+    # All three stay shift-free: H = log d - w / d keeps full fp32 precision even for logits near 1e4,
+    # where the textbook H = lse - sum p s would subtract two numbers of size 1e4 (fp32 spacing there
+    # is ~1e-3). Memory traffic: the row is read once (V elements); four floats are written.
+    row = tl.program_id(0).to(tl.int64)
+    # int64: row * V reaches 65536 * 50257 = 3.3e9 at N = 65536, past int32's 2.1e9, and
+    # program_id is int32, so the pointer arithmetic would wrap around to another row.
+    row_ptr = logits_ptr + row * V
+
+    # The running max starts at the row's first logit, not at -inf: any value of the row will do, since
+    # after the last block m is the true max either way, and a finite start spares the first block
+    # -inf - -inf and 0 * -inf, which are nan.
+    m = tl.load(row_ptr).to(tl.float32) / temperature
+    d = 0.0
+    w = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+        mask = cols < V  # the last block sticks out past V unless V is a multiple of BLOCK_V
+        s = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(s - m_new)  # (BLOCK_V,) exp(-inf) = 0 in the padding
+        shifted = tl.where(mask, s - m_new, 0.0)  # (BLOCK_V,) 0, not -inf, in the padding: 0 * -inf = nan
+        w = alpha * (w + (m - m_new) * d) + tl.sum(e * shifted, axis=0)
+        d = alpha * d + tl.sum(e, axis=0)
+        m = m_new
+
+    log_d = tl.log(d)
+    y = tl.load(targets_ptr + row)
+    # An out-of-range target would read another row's memory; we read nothing and return nan instead.
+    # (Rejecting it in the host wrapper would need targets.max().item(), a GPU->CPU sync every call.)
+    s_y = tl.load(row_ptr + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32) / temperature
+    tl.store(logp_ptr + row, (s_y - m) - log_d)
+    tl.store(entropy_ptr + row, log_d - w / d)
+    # The backward rebuilds log p_j = (s_j - m) - log d from these two; saving lse = m + log d alone
+    # would make it compute s_j - lse, again a difference of two numbers of size 1e4 for large logits.
+    tl.store(row_max_ptr + row, m)
+    tl.store(row_log_d_ptr + row, log_d)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, targets_ptr, row_max_ptr, row_log_d_ptr, entropy_ptr,  # the inputs and forward's saves
+    grad_logp_ptr, grad_entropy_ptr,  # (N,) fp32 upstream gradients g_logp, g_H
+    grad_logits_ptr,  # (N, V) output, in the logits' dtype; a new buffer, the logits are only read
+    V, temperature,
+    BLOCK_V: tl.constexpr,
+):
+    # The gradient, with s = z / tau and p = softmax(s), so that d lse / d s_j = p_j and
+    # d p_i / d s_j = p_i (onehot_i(j) - p_j):
+    #   logp_y = s_y - lse            =>  d logp_y / d s_j = onehot_j(y) - p_j
+    #   H = lse - sum_i p_i s_i       =>  d(sum_i p_i s_i) / d s_j = p_j + sum_i s_i p_i (onehot_i(j) - p_j)
+    #                                                               = p_j + p_j s_j - p_j sum_i p_i s_i
+    #                                 =>  dH / d s_j = p_j - p_j - p_j (s_j - sum_i p_i s_i)
+    #                                                = -p_j (s_j - lse + H) = -p_j (log p_j + H)
+    # (sum_i p_i s_i = lse - H). The chain rule through s = z / tau divides by tau. For one row:
+    #   dL/dz_j = (g_logp (onehot_j(y) - p_j) - g_H p_j (log p_j + H)) / tau
+    # Memory traffic: the row is read once more and its gradient written once; no (N, V) softmax was
+    # stored by the forward, p_j is rebuilt from the saved m and log d.
+    row = tl.program_id(0).to(tl.int64)  # int64 for row * V, as in the forward
+    row_ptr = logits_ptr + row * V
+    grad_row_ptr = grad_logits_ptr + row * V
+    m = tl.load(row_max_ptr + row)
+    log_d = tl.load(row_log_d_ptr + row)
+    H = tl.load(entropy_ptr + row)
+    g_logp = tl.load(grad_logp_ptr + row)
+    g_H = tl.load(grad_entropy_ptr + row)
+    y = tl.load(targets_ptr + row)
+
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+        mask = cols < V
+        s = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) / temperature
+        # The padding is computed but never stored; setting it to m keeps exp() below finite there
+        # (with 0, a row of logits near -1e4 would give exp(1e4) = inf).
+        s = tl.where(mask, s, m)
+        log_p = (s - m) - log_d
+        p = tl.exp(log_p)
+        onehot = tl.where(cols == y, 1.0, 0.0)
+        grad = (g_logp * (onehot - p) - g_H * p * (log_p + H)) / temperature
+        tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting():
+    # Triton itself decides at import time (in @triton.jit) whether to interpret, from this same
+    # variable; we read it again only to pick small blocks and to allow CPU tensors.
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch_config(V):
+    """BLOCK_V and num_warps for the row kernels.
+
+    Under the interpreter every program runs as numpy on the CPU, so small blocks keep the tests fast
+    and still cross block boundaries (V = 1000 is 4 blocks of 256, the last one 232 wide; V = 257 is
+    a full block and one of width 1).
+    On a GPU a row of V = 50257 is 13 blocks of 4096: a 16 KiB fp32 load per step across 8 warps
+    (256 threads, 16 elements each) is enough in flight to keep HBM busy. A starting point for an
+    H100; time it with bench/bench_logprob.py before trusting it. With V = 50257 the rows do not start
+    on 16-byte boundaries, so Triton emits one load per element (still coalesced across a warp); when
+    V % 16 == 0 (e.g. a vocabulary padded to 50304) it emits 16-byte vector loads, 8x fewer for bf16.
+    """
+    if _interpreting():
+        return dict(BLOCK_V=min(256, triton.next_power_of_2(V)))
+    block_v = min(4096, triton.next_power_of_2(V))
+    return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 4096 else 4)
+
+
+def _check_temperature(temperature, name):
+    # A tensor here would need .item(), a CPU-GPU sync point, on every call.
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{name}: temperature must be a positive Python number, got {temperature!r}")
+
+
+def _check_logits(logits, name, what="logits"):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"{name}: {what} must be a 2-D tensor (N, V); flatten (B, T, V) with "
+                         f"{what}.reshape(-1, V) first, got shape {tuple(getattr(logits, 'shape', ()))}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: {what} dtype {logits.dtype} is not supported, only {SUPPORTED_DTYPES}")
+    if logits.numel() == 0:
+        raise ValueError(f"{name}: {what} is empty, shape {tuple(logits.shape)}")
+
+
+def _check_targets(targets, N, device, name):
+    if not isinstance(targets, torch.Tensor) or targets.shape != (N,):
+        raise ValueError(f"{name}: targets must be a tensor of shape (N,) = ({N},), one token id per row, "
+                         f"got shape {tuple(getattr(targets, 'shape', ()))}")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"{name}: targets must be int64 token ids, got {targets.dtype}")
+    if targets.device != device:
+        raise ValueError(f"{name}: targets are on {targets.device}, the logits on {device}")
+
+
+def _check_logits_targets(logits, targets, temperature, name):
+    """Raise ValueError for every input that token_logprobs does not accept, whichever impl runs."""
+    _check_logits(logits, name)
+    _check_targets(targets, logits.shape[0], logits.device, name)
+    _check_temperature(temperature, name)
+
+
+def _check_kernel_device(tensor, name):
+    """The extra conditions of the Triton path: triton installed, and CUDA tensors (or the interpreter)."""
+    if not HAVE_TRITON:
+        raise ValueError(f"{name}: triton is not installed; use impl='torch' (the PyTorch reference)")
+    if not tensor.is_cuda and not _interpreting():
+        raise ValueError(f"{name}: the Triton kernels need CUDA tensors; to run them on the CPU (slowly, "
+                         "for tests) set TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
+
+
+def _logprobs_forward(logits, targets, temperature):
+    """Launch the forward kernel on checked inputs. Returns logp, entropy, row_max, row_log_d, (N,) fp32."""
+    N, V = logits.shape
+    logits = logits.contiguous()  # a no-op for the usual (N, V) tensor; a strided view is copied once
+    logp = torch.empty(N, device=logits.device, dtype=torch.float32)  # (N,)
+    entropy = torch.empty_like(logp)  # (N,)
+    row_max = torch.empty_like(logp)  # (N,)
+    row_log_d = torch.empty_like(logp)  # (N,)
+    _logprobs_fwd_kernel[(N,)](
+        logits, targets.contiguous(), logp, entropy, row_max, row_log_d, V, float(temperature),
+        **_launch_config(V),
+    )
+    return logp, entropy, row_max, row_log_d
+
+
+def _logprobs_backward(grad_logp, grad_entropy, logits, targets, row_max, row_log_d, entropy, temperature):
+    """Launch the backward kernel. Returns the gradient wrt logits (N, V) in the logits' dtype."""
+    N, V = logits.shape
+    logits = logits.contiguous()
+    grad_logits = torch.empty_like(logits)  # (N, V)
+    # .contiguous(): the gradient of a .sum() arrives as an expanded tensor with stride 0
+    _logprobs_bwd_kernel[(N,)](
+        logits, targets.contiguous(), row_max, row_log_d, entropy,
+        grad_logp.float().contiguous(), grad_entropy.float().contiguous(), grad_logits,
+        V, float(temperature), **_launch_config(V),
+    )
+    return grad_logits
+
+
+class _LogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        logp, entropy, row_max, row_log_d = _logprobs_forward(logits, targets, temperature)
+        # Saved: the logits (the caller holds them anyway) and three floats per row -- not the softmax.
+        ctx.save_for_backward(logits, targets, row_max, row_log_d, entropy)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        # autograd passes zeros for an output that did not reach the loss (e.g. entropy unused)
+        logits, targets, row_max, row_log_d, entropy = ctx.saved_tensors
+        grad_logits = _logprobs_backward(grad_logp, grad_entropy, logits, targets, row_max, row_log_d,
+                                         entropy, ctx.temperature)
+        return grad_logits, None, None  # no gradient for targets, temperature
+
+
+def logprobs_triton(logits, targets, temperature=1.0):
+    """(logp (N,), entropy (N,)) fp32, the same as logprobs_reference, in one pass over the logits;
+    differentiable wrt logits through both outputs. Needs CUDA tensors, or TRITON_INTERPRET=1."""
+    _check_logits_targets(logits, targets, temperature, "logprobs_triton")
+    _check_kernel_device(logits, "logprobs_triton")
+    return _LogProbs.apply(logits, targets, float(temperature))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Full KL(p || q) per token, between policy logits a and reference logits b (both (N, V))
+#
+# With s = a / tau, t = b / tau, p = softmax(s), q = softmax(t), and for each distribution its max and
+# sum as in part 1 (m_p, d_p from s; m_q, d_q from t):
+#   log p_j = (s_j - m_p) - log d_p,   log q_j = (t_j - m_q) - log d_q
+#   KL = sum_j p_j (log p_j - log q_j) = w / d_p - log d_p + log d_q,
+#   with w = sum_j exp(s_j - m_p) ((s_j - m_p) - (t_j - m_q)).
+
+
+def kl_reference(logits_p, logits_q, temperature=1.0):
+    """KL(softmax(logits_p / tau) || softmax(logits_q / tau)) per row, (N,) fp32."""
+    logp = torch.log_softmax(logits_p.float() / temperature, dim=-1)  # (N, V)
+    logq = torch.log_softmax(logits_q.float() / temperature, dim=-1)  # (N, V)
+    return (logp.exp() * (logp - logq)).sum(dim=-1)  # (N,)
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    logits_p_ptr, logits_q_ptr,  # inputs: (N, V) contiguous, any float dtypes
+    kl_ptr, max_p_ptr, log_d_p_ptr, max_q_ptr, log_d_q_ptr,  # outputs: (N,) fp32 each
+    V, temperature,
+    BLOCK_V: tl.constexpr,
+):
+    # One program per row, one pass over both rows, online as in _logprobs_fwd_kernel. Moving the maxima
+    # from (m_p, m_q) to (mp_new, mq_new) turns every old term (s_j - m_p) - (t_j - m_q) into
+    # (s_j - mp_new) - (t_j - mq_new) = old term + (m_p - mp_new) + (mq_new - m_q), and every old weight
+    # exp(s_j - m_p) into alpha_p exp(s_j - m_p). So:
+    #   w <- alpha_p (w + ((m_p - mp_new) + (mq_new - m_q)) d_p)
+    #        + sum_block exp(s_j - mp_new) ((s_j - mp_new) - (t_j - mq_new))
+    # Everything is shift-free, so two rows offset by +1e4 and -1e4 give a KL as precise as unshifted ones.
+    row = tl.program_id(0).to(tl.int64)  # int64: row * V overflows int32 at N = 65536, V = 50257
+    p_row_ptr = logits_p_ptr + row * V
+    q_row_ptr = logits_q_ptr + row * V
+
+    # the running maxima start at the first logits (finite, see _logprobs_fwd_kernel)
+    m_p = tl.load(p_row_ptr).to(tl.float32) / temperature
+    m_q = tl.load(q_row_ptr).to(tl.float32) / temperature
+    d_p = 0.0
+    d_q = 0.0
+    w = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+        mask = cols < V
+        s = tl.load(p_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        t = tl.load(q_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        mp_new = tl.maximum(m_p, tl.max(s, axis=0))
+        mq_new = tl.maximum(m_q, tl.max(t, axis=0))
+        alpha_p = tl.exp(m_p - mp_new)
+        alpha_q = tl.exp(m_q - mq_new)
+        e_p = tl.exp(s - mp_new)  # (BLOCK_V,) 0 in the padding
+        # 0, not -inf, in the padding: -inf - -inf and 0 * -inf are nan
+        diff = tl.where(mask, s - mp_new, 0.0) - tl.where(mask, t - mq_new, 0.0)  # (BLOCK_V,)
+        shift = (m_p - mp_new) + (mq_new - m_q)
+        w = alpha_p * (w + shift * d_p) + tl.sum(e_p * diff, axis=0)
+        d_p = alpha_p * d_p + tl.sum(e_p, axis=0)
+        d_q = alpha_q * d_q + tl.sum(tl.exp(t - mq_new), axis=0)
+        m_p = mp_new
+        m_q = mq_new
+
+    log_d_p = tl.log(d_p)
+    log_d_q = tl.log(d_q)
+    tl.store(kl_ptr + row, w / d_p - log_d_p + log_d_q)
+    tl.store(max_p_ptr + row, m_p)
+    tl.store(log_d_p_ptr + row, log_d_p)
+    tl.store(max_q_ptr + row, m_q)
+    tl.store(log_d_q_ptr + row, log_d_q)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    logits_p_ptr, logits_q_ptr, max_p_ptr, log_d_p_ptr, max_q_ptr, log_d_q_ptr, kl_ptr,
+    grad_kl_ptr,  # (N,) fp32 upstream gradient g
+    grad_p_ptr, grad_q_ptr,  # (N, V) outputs in the dtypes of logits_p, logits_q; None when not needed
+    V, temperature,
+    NEED_GRAD_P: tl.constexpr, NEED_GRAD_Q: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # The gradient. With d p_j / d s_k = p_j (onehot_j(k) - p_k) and d log p_j / d s_k = onehot_j(k) - p_k:
+    #   dKL/ds_k = sum_j p_j (onehot_j(k) - p_k)(log p_j - log q_j) + sum_j p_j (onehot_j(k) - p_k)
+    #            = p_k (log p_k - log q_k) - p_k KL + (p_k - p_k)
+    #            = p_k (log p_k - log q_k - KL)
+    #   dKL/dt_k = -sum_j p_j d log q_j / d t_k = -sum_j p_j (onehot_j(k) - q_k) = q_k - p_k
+    # and both divide by tau through s = a / tau, t = b / tau. In RLHF the reference model has no
+    # gradient: NEED_GRAD_Q is then False and the (N, V) buffer for it is never allocated.
+    row = tl.program_id(0).to(tl.int64)
+    p_row_ptr = logits_p_ptr + row * V
+    q_row_ptr = logits_q_ptr + row * V
+    m_p = tl.load(max_p_ptr + row)
+    log_d_p = tl.load(log_d_p_ptr + row)
+    m_q = tl.load(max_q_ptr + row)
+    log_d_q = tl.load(log_d_q_ptr + row)
+    kl = tl.load(kl_ptr + row)
+    g = tl.load(grad_kl_ptr + row)
+
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+        mask = cols < V
+        s = tl.load(p_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) / temperature
+        t = tl.load(q_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) / temperature
+        s = tl.where(mask, s, m_p)  # finite padding, as in _logprobs_bwd_kernel
+        t = tl.where(mask, t, m_q)
+        log_p = (s - m_p) - log_d_p
+        log_q = (t - m_q) - log_d_q
+        p = tl.exp(log_p)
+        if NEED_GRAD_P:
+            grad_p = g * p * (log_p - log_q - kl) / temperature
+            tl.store(grad_p_ptr + row * V + cols, grad_p.to(grad_p_ptr.dtype.element_ty), mask=mask)
+        if NEED_GRAD_Q:
+            grad_q = g * (tl.exp(log_q) - p) / temperature
+            tl.store(grad_q_ptr + row * V + cols, grad_q.to(grad_q_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_kl_inputs(logits_p, logits_q, temperature, name):
+    """Raise ValueError for every input that token_kl does not accept, whichever impl runs."""
+    _check_logits(logits_p, name, "logits_p")
+    _check_logits(logits_q, name, "logits_q")
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"{name}: logits_p {tuple(logits_p.shape)} and logits_q {tuple(logits_q.shape)} "
+                         "must have the same shape (N, V)")
+    if logits_p.device != logits_q.device:
+        raise ValueError(f"{name}: logits_p is on {logits_p.device}, logits_q on {logits_q.device}")
+    _check_temperature(temperature, name)
+
+
+def _kl_forward(logits_p, logits_q, temperature):
+    """Launch the forward kernel. Returns kl and [max_p, log_d_p, max_q, log_d_q], all (N,) fp32."""
+    N, V = logits_p.shape
+    kl = torch.empty(N, device=logits_p.device, dtype=torch.float32)  # (N,)
+    stats = [torch.empty_like(kl) for _ in range(4)]  # max_p, log_d_p, max_q, log_d_q, each (N,)
+    _kl_fwd_kernel[(N,)](
+        logits_p.contiguous(), logits_q.contiguous(), kl, *stats, V, float(temperature),
+        **_launch_config(V),
+    )
+    return kl, stats
+
+
+def _kl_backward(grad_kl, logits_p, logits_q, stats, kl, temperature, need_grad_p, need_grad_q):
+    """Launch the backward kernel. Returns (grad wrt logits_p or None, grad wrt logits_q or None)."""
+    N, V = logits_p.shape
+    logits_p = logits_p.contiguous()
+    logits_q = logits_q.contiguous()
+    grad_p = torch.empty_like(logits_p) if need_grad_p else None  # (N, V)
+    grad_q = torch.empty_like(logits_q) if need_grad_q else None  # (N, V)
+    _kl_bwd_kernel[(N,)](
+        logits_p, logits_q, *stats, kl, grad_kl.float().contiguous(), grad_p, grad_q,
+        V, float(temperature), NEED_GRAD_P=need_grad_p, NEED_GRAD_Q=need_grad_q, **_launch_config(V),
+    )
+    return grad_p, grad_q
+
+
+class _KL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_p, logits_q, temperature):
+        kl, stats = _kl_forward(logits_p, logits_q, temperature)
+        ctx.save_for_backward(logits_p, logits_q, kl, *stats)  # five floats per row, no (N, V) softmax
+        ctx.temperature = temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        logits_p, logits_q, kl, *stats = ctx.saved_tensors
+        need_grad_p, need_grad_q = ctx.needs_input_grad[:2]
+        grad_p, grad_q = _kl_backward(grad_kl, logits_p, logits_q, stats, kl, ctx.temperature,
+                                      need_grad_p, need_grad_q)
+        return grad_p, grad_q, None  # no gradient for temperature
+
+
+def kl_triton(logits_p, logits_q, temperature=1.0):
+    """KL(p || q) per row (N,) fp32, the same as kl_reference, in one pass over both logits;
+    differentiable wrt both. Needs CUDA tensors, or TRITON_INTERPRET=1."""
+    _check_kl_inputs(logits_p, logits_q, temperature, "kl_triton")
+    _check_kernel_device(logits_p, "kl_triton")
+    return _KL.apply(logits_p, logits_q, float(temperature))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. From hidden states: logp and entropy of (hidden @ weight.T), chunk by chunk
+#
+# Even the kernels of part 1 need the (N, V) logits as input, and the LM head writes all of them. Here
+# the host walks over chunks of Nc = chunk_size rows: it computes one (Nc, V) block of logits with a
+# cuBLAS matmul, runs part 1's kernel on it (which walks the vocabulary BLOCK_V columns at a time),
+# keeps the three floats per row, and drops the block. The backward recomputes each block, turns it
+# into its gradient with part 1's backward kernel, and multiplies that into the gradients of hidden
+# and weight.
+#
+# A worked example (the numbers in bench/bench_logprob.py): N = 16384 tokens, C = 768, V = 50257, bf16.
+#   all logits at once:   16384 * 50257 * 2 B = 1.6 GB, and its gradient as much again
+#   one chunk, Nc = 1024:  1024 * 50257 * 2 B = 103 MB for the logits + 103 MB for their gradient
+# The cost: the backward redoes the (Nc, V) matmul of every chunk, so 4 matmuls of 2 N V C FLOPs instead
+# of 3 (forward, grad hidden, grad weight), about 1/3 more matmul time.
+#
+# Why not tl.dot inside a kernel, never writing the block at all: the backward needs grad_logits @ W
+# and grad_logits^T @ h anyway, cuBLAS is as fast as a matmul gets, and the block lives in memory only
+# for one chunk. (It also avoids triton 3.9's interpreter bug where tl.dot on bf16 returns garbage.)
+
+
+def linear_logprobs_reference(hidden, weight, targets, temperature=1.0):
+    """logprobs_reference(hidden @ weight.T, targets, temperature), holding all (N, V) logits."""
+    return logprobs_reference(hidden @ weight.T, targets, temperature)  # (N, V) logits
+
+
+def _check_linear_inputs(hidden, weight, targets, temperature, chunk_size, name):
+    """Raise ValueError for every input that linear_logprobs does not accept, whichever impl runs."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"{name}: hidden must be a 2-D tensor (N, C); flatten (B, T, C) with "
+                         f"hidden.reshape(-1, C) first, got shape {tuple(getattr(hidden, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{name}: weight must be the LM head's (V, C) = (V, {hidden.shape[1]}), "
+                         f"got shape {tuple(getattr(weight, 'shape', ()))}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one "
+                         f"dtype out of {SUPPORTED_DTYPES}")
+    if hidden.device != weight.device:
+        raise ValueError(f"{name}: hidden is on {hidden.device}, weight on {weight.device}")
+    if hidden.numel() == 0 or weight.numel() == 0:
+        raise ValueError(f"{name}: empty input, hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    _check_targets(targets, hidden.shape[0], hidden.device, name)
+    _check_temperature(temperature, name)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"{name}: chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+        N = hidden.shape[0]
+        logp = torch.empty(N, device=hidden.device, dtype=torch.float32)  # (N,)
+        entropy = torch.empty_like(logp)  # (N,)
+        row_max = torch.empty_like(logp)  # (N,)
+        row_log_d = torch.empty_like(logp)  # (N,)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = hidden[rows] @ weight.T  # (Nc, V) in hidden's dtype, fp32 accumulation in cuBLAS
+            logp[rows], entropy[rows], row_max[rows], row_log_d[rows] = _logprobs_forward(
+                logits, targets[rows], temperature)
+            # free the block now: otherwise the next chunk's matmul allocates before this one is dropped
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, row_max, row_log_d, entropy)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, row_max, row_log_d, entropy = ctx.saved_tensors
+        need_grad_hidden, need_grad_weight = ctx.needs_input_grad[:2]
+        N = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None  # (N, C)
+        # fp32: the weight's gradient is a sum over every chunk, which bf16 would round at each step
+        grad_weight = None
+        if need_grad_weight:
+            grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)  # (V, C)
+        for start in range(0, N, ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = hidden[rows] @ weight.T  # (Nc, V) recomputed: the price of not storing it
+            grad_logits = _logprobs_backward(grad_logp[rows], grad_entropy[rows], logits, targets[rows],
+                                             row_max[rows], row_log_d[rows], entropy[rows], ctx.temperature)
+            del logits
+            if need_grad_hidden:
+                grad_hidden[rows] = grad_logits @ weight  # (Nc, C) <- (Nc, V) @ (V, C)
+            if need_grad_weight:
+                grad_weight += grad_logits.T @ hidden[rows]  # (V, C) <- (V, Nc) @ (Nc, C)
+            del grad_logits
+        if need_grad_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None  # none for targets, temperature, chunk_size
+
+
+def _linear_logprobs_torch(hidden, weight, targets, temperature, chunk_size):
+    """The same chunking in plain PyTorch, so CPU users get the memory saving too.
+
+    torch.utils.checkpoint keeps only each chunk's inputs; the backward re-runs that chunk's forward
+    (one more (Nc, V) matmul and log_softmax, about 1/3 more matmul time) and frees it before the next
+    chunk. Peak memory is then logprobs_reference's few fp32 (Nc, V) tensors for one chunk of Nc rows,
+    instead of the same for all N rows.
+    """
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        logp, entropy = checkpoint(linear_logprobs_reference, hidden[rows], weight, targets[rows],
+                                   temperature, use_reentrant=False)  # (Nc,), (Nc,)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps), torch.cat(entropies)  # (N,), (N,)
+
+
+def linear_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, impl="auto"):
+    """(logp (N,), entropy (N,)) fp32 of log_softmax(hidden @ weight.T / temperature) at targets,
+    never holding more than chunk_size rows of logits; differentiable wrt hidden and weight.
+
+    hidden (N, C), weight (V, C) (the LM head, no bias), targets int64 (N,). impl as in token_logprobs:
+    "triton" (chunks + part 1's kernels), "torch" (chunks + checkpoint), "auto" (triton on CUDA).
+    """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # Do here the cast autocast would do in the matmul (e.g. fp32 weight to bf16), so that the
+        # backward, which autocast does not reach, recomputes the very logits the forward saw.
+        autocast_dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
+    _check_linear_inputs(hidden, weight, targets, temperature, chunk_size, "linear_logprobs")
+    if _use_kernel(hidden, impl, "linear_logprobs"):
+        _check_kernel_device(hidden, "linear_logprobs")
+        return _LinearLogProbs.apply(hidden, weight, targets, float(temperature), chunk_size)
+    return _linear_logprobs_torch(hidden, weight, targets, temperature, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The one place where scripts choose kernel or reference
+
+IMPLS = ("auto", "triton", "torch")
+_warned_reference = False  # the fallback warning is printed once per process
+
+
+def _use_kernel(tensor, impl, name):
+    """True for the Triton path, False for the PyTorch one.
+
+    "auto" takes Triton when the tensor is on CUDA and triton imports; everything else (the CPU, or no
+    triton) runs the reference and says so once. The interpreter is a correctness tool, far too slow to
+    be chosen by "auto": the tests ask for it with impl="triton".
+    """
+    global _warned_reference
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl == "triton"
+    if HAVE_TRITON and tensor.is_cuda:
+        return True
+    if not _warned_reference:
+        reason = "triton is not installed" if not HAVE_TRITON else f"the tensors are on {tensor.device}"
+        warnings.warn(f"kernels.logprob: {reason}, so the PyTorch reference path is used (it holds several "
+                      "fp32 (N, V) tensors); pass impl='torch' to choose it explicitly", stacklevel=3)
+        _warned_reference = True
+    return False
+
+
+def token_logprobs(logits, targets, temperature=1.0, impl="auto"):
+    """(logp (N,), entropy (N,)) fp32: log p(targets) and the entropy of softmax(logits / temperature).
+
+    logits (N, V) fp32/fp16/bf16, targets int64 (N,). impl: "auto" (Triton on CUDA, else the reference
+    with a one-time warning), "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "torch".
+    """
+    _check_logits_targets(logits, targets, temperature, "token_logprobs")
+    if _use_kernel(logits, impl, "token_logprobs"):
+        return logprobs_triton(logits, targets, temperature)
+    return logprobs_reference(logits, targets, temperature)
+
+
+def token_kl(logits_p, logits_q, temperature=1.0, impl="auto"):
+    """KL(softmax(logits_p / tau) || softmax(logits_q / tau)) per row, (N,) fp32.
+
+    logits_p (policy) and logits_q (reference), both (N, V); impl as in token_logprobs."""
+    _check_kl_inputs(logits_p, logits_q, temperature, "token_kl")
+    if _use_kernel(logits_p, impl, "token_kl"):
+        return kl_triton(logits_p, logits_q, temperature)
+    return kl_reference(logits_p, logits_q, temperature)
