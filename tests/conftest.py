@@ -33,6 +33,6 @@ def reward_run(sft_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("reward")
     cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=3000, n_eval=300,
-                              max_iters=120, eval_interval=120, norm_prompts=64)
+                              max_iters=200, eval_interval=200, norm_prompts=64)
     model, metrics = train_reward.main(cfg)
     return out, cfg, model, metrics

@@ -1,0 +1,126 @@
+"""train_ppo.py: GAE, the PPO losses and the KL penalty against hand computations, and short runs:
+the reward-model score rises, the reference stays frozen, resume continues exactly."""
+
+import json
+
+import pytest
+import torch
+
+import train_ppo
+from model import load_checkpoint, policy_from_checkpoint
+from train_ppo import Config, gae, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
+
+
+def test_gae_equals_hand_computation():
+    # one answer of 3 tokens after a 1-token prompt, then 1 padding column
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    rewards = torch.tensor([[0.0, 0.1, -0.2, 1.0, 0.0]])
+    values = torch.tensor([[0.0, 0.5, 0.4, 0.3, 0.0]])
+    gamma, lam = 0.9, 0.8
+    # by hand, backwards from the end (V after the last action is 0):
+    d3 = 1.0 + gamma * 0.0 - 0.3
+    d2 = -0.2 + gamma * 0.3 - 0.4
+    d1 = 0.1 + gamma * 0.4 - 0.5
+    a3 = d3
+    a2 = d2 + gamma * lam * a3
+    a1 = d1 + gamma * lam * a2
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    assert torch.allclose(advantages, torch.tensor([[0.0, a1, a2, a3, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.0, a1 + 0.5, a2 + 0.4, a3 + 0.3, 0.0]]))
+    # lam = 1, gamma = 1: the advantage is the Monte-Carlo return minus the value
+    advantages, returns = gae(rewards, values, mask, 1.0, 1.0)
+    assert torch.allclose(returns[0, 1:4], torch.tensor([0.9, 0.8, 1.0]))
+
+
+def test_gae_rows_do_not_leak_into_each_other():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    rewards = torch.tensor([[0.0, 1.0, 5.0], [7.0, 0.0, 2.0]])  # rewards outside the mask must not count
+    advantages, _ = gae(rewards * mask, torch.zeros(2, 3), mask, 1.0, 1.0)
+    assert advantages.tolist() == [[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]]
+
+
+def test_kl_penalty_lands_on_answer_tokens_and_score_on_the_last():
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0]])
+    logp = torch.tensor([[-9.0, -9.0, -1.0, -2.0, -9.0], [-9.0, -1.0, -1.0, -1.0, -1.0]])
+    logp_ref = torch.tensor([[-1.0, -1.0, -1.5, -1.0, -1.0], [-1.0, -1.0, -2.0, -1.0, -3.0]])
+    score = torch.tensor([2.0, -1.0])
+    rewards, kl = per_token_rewards(score, logp, logp_ref, mask, kl_coef=0.5)
+    assert kl.tolist() == [[0.0, 0.0, 0.5, -1.0, 0.0], [0.0, 0.0, 1.0, 0.0, 2.0]]
+    assert rewards.tolist() == [[0.0, 0.0, -0.25, 0.5 + 2.0, 0.0], [0.0, 0.0, -0.5, 0.0, -1.0 - 1.0]]
+
+
+def test_policy_loss_equals_hand_computation():
+    logp_old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.0, 1.5, 0.5, 1.1]]))  # ratios 1, 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -1.0, -2.0]])
+    mask = torch.ones(1, 4)
+    loss, clip_frac, approx_kl = ppo_policy_loss(logp, logp_old, adv, mask, clip_eps=0.2)
+    # per token: max(-A r, -A clip(r)) = -1, max(-1.5, -1.2) = -1.2, max(0.5, 0.8) = 0.8, max(2.2, 2.2) = 2.2
+    assert loss.item() == pytest.approx((-1.0 - 1.2 + 0.8 + 2.2) / 4)
+    assert clip_frac.item() == pytest.approx(0.5)  # tokens 2 and 3: the clipped term binds, no gradient
+    r = torch.tensor([1.0, 1.5, 0.5, 1.1])
+    assert approx_kl.item() == pytest.approx(((r - 1) - r.log()).mean().item())
+
+
+def test_value_loss_clips_around_the_old_values():
+    values_old = torch.tensor([[0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.1, -0.5]])
+    returns = torch.tensor([[1.0, 1.0, 1.0]])
+    loss, frac = ppo_value_loss(values, values_old, returns, torch.ones(1, 3), clip_value=0.2)
+    # clipped values 0.2, 0.1, -0.2; errors max((0.5)^2,(0.8)^2), max(0.81, 0.81), max(2.25, 1.44)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81 + 2.25) / 3)
+    assert frac.item() == pytest.approx(1 / 3)
+
+
+def test_whitening_uses_only_the_answer_tokens():
+    x = torch.tensor([[100.0, 1.0, 2.0, 3.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    w = masked_whiten(x, mask)
+    assert w[0, 0] == 0 and w[0, 1:].mean().abs() < 1e-6 and w[0, 1:].pow(2).mean().sqrt() == pytest.approx(1, abs=1e-4)
+
+
+def ppo_cfg(out, sft_run, reward_dir, **kw):
+    base = dict(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), reward=str(reward_dir / "ckpt.pt"),
+                prompts_per_iter=16, samples_per_prompt=2, minibatch_size=16, max_new_tokens=16, ppo_epochs=2,
+                iterations=4, eval_interval=2, eval_prompts=32, sample_interval=2)
+    return Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def reward_dir(reward_run):
+    return reward_run[0]
+
+
+def test_short_run_raises_reward_and_keeps_reference_frozen(sft_run, reward_dir, tmp_path):
+    cfg = ppo_cfg(tmp_path, sft_run, reward_dir, iterations=12, eval_interval=12, lr=3e-4)
+    model, ref = train_ppo.main(cfg)
+    log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in log if "eval_reward" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
+    assert evals[-1]["eval_reward"] > evals[0]["eval_reward"] + 0.1, evals
+    sft = policy_from_checkpoint(load_checkpoint(sft_run / "ckpt.pt", "sft"))
+    for (name, p_ref), p_sft, p_pol in zip(ref.named_parameters(), sft.parameters(), model.policy.parameters()):
+        assert not p_ref.requires_grad and torch.equal(p_ref, p_sft), name
+    assert any(not torch.equal(p, q) for p, q in zip(model.policy.parameters(), sft.parameters()))
+    updates = [r for r in log if "policy_loss" in r]
+    assert updates[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    for key in ("clip_frac", "approx_kl", "explained_variance", "entropy", "eos_fraction", "gold", "value_loss"):
+        assert key in updates[-1]
+
+
+def test_resume_continues_exactly(sft_run, reward_dir, tmp_path, monkeypatch):
+    straight, _ = train_ppo.main(ppo_cfg(tmp_path / "a", sft_run, reward_dir))
+    real_save = train_ppo.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_ppo, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo.main(ppo_cfg(tmp_path / "b", sft_run, reward_dir))
+    monkeypatch.setattr(train_ppo, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt", "ppo")["step"] == 2
+    resumed, _ = train_ppo.main(ppo_cfg(tmp_path / "b", sft_run, reward_dir, resume=True))
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name

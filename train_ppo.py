@@ -1,0 +1,408 @@
+"""
+Stage 4 of RLHF: PPO against the reward model, on a KL leash.
+
+The language model is an agent. The state is the prompt plus the answer tokens so far; an action is
+the next token; the policy pi(a | s) is the model's softmax. The SFT model is the starting policy, and
+a frozen copy of it is the reference pi_ref. When the answer is finished, the reward model scores it.
+Each token also pays a KL penalty for drifting from the reference, so the reward of the action at t is
+
+    r_t = - kl_coef * (logp_policy(a_t) - logp_ref(a_t))   +   [t is the last token] * score(x, y)
+
+Without the penalty the policy finds whatever the reward model over-rates (reward hacking: run with
+--kl_coef 0 and watch the gold score). A value head on the policy estimates V(s_t), the expected
+return from state s_t, and Generalised Advantage Estimation turns rewards and values into advantages:
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
+    A_t     = delta_t + gamma * lam * A_{t+1}            returns_t = A_t + V(s_t)
+
+Then several epochs of the clipped PPO objective (Schulman et al. 2017) over mini-batches of the rollout:
+
+    ratio_t = exp(logp_new(a_t) - logp_old(a_t))
+    policy loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_eps, 1 + clip_eps))
+    value loss  = mean_t 0.5 * max((V_new - returns)^2, (V_old + clip(V_new - V_old, +-clip_value) - returns)^2)
+
+Every switch below is one of the implementation details that Ziegler et al. 2019, Stiennon et al. 2020,
+Ouyang et al. 2022 and Huang et al. 2024 ("The N+ implementation details of RLHF with PPO") found to
+matter: several samples per prompt, a penalty for answers without EOS, whitened advantages, optional
+reward scaling, value clipping, PPO epochs over mini-batches, gradient clipping, an adaptive KL
+coefficient, and log-probs recomputed with the very numerics of training.
+
+    python train_ppo.py                                  # built-in task, from out/sft and out/reward, CPU
+    python train_ppo.py --kl_coef 0 --iterations 150 --out_dir out/ppo_nokl     # reward hacking, made visible
+"""
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import task
+from data import (
+    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, encode_prompt, flag, get_tokenizer,
+    load_prompts, pad_batch, parse_args, pick_device, run,
+)
+from kernels.logprob import linear_logprobs
+from model import PolicyWithValue, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
+from train_sft import batch_indices
+
+
+@dataclass
+class Config:
+    """PPO: the SFT policy learns to please the reward model, held near the SFT reference by a KL penalty."""
+
+    out_dir: str = flag("out/ppo", "folder for ckpt.pt, metrics.jsonl and samples.jsonl")
+    sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the initial policy and the frozen reference")
+    reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it)")
+    data: str = flag("default", "'default' for the built-in task's prompts, or a JSONL with prompts (any of the data formats)")
+    iterations: int = flag(40, "PPO iterations: each one a rollout, then ppo_epochs of updates on it")
+    prompts_per_iter: int = flag(32, "prompts per rollout")
+    samples_per_prompt: int = flag(2, "answers sampled per prompt (more comparisons of the same prompt per rollout)")
+    max_prompt_tokens: int = flag(64, "prompts longer than this keep their last tokens")
+    max_new_tokens: int = flag(24, "longest answer; an answer cut here has no EOS and pays eos_penalty")
+    temperature: float = flag(1.0, "sampling temperature; the log-probs use the same one (the policy is softmax(z / T))")
+    kl_coef: float = flag(0.1, "weight of the per-token KL penalty against the reference (the initial value if adaptive_kl)")
+    adaptive_kl: bool = flag(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, section 2.2)")
+    target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats")
+    kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over")
+    eos_penalty: float = flag(1.0, "subtracted from the score of an answer that did not end with EOS")
+    reward_scaling: bool = flag(False, "divide scores by their running standard deviation")
+    whiten_advantages: bool = flag(True, "normalise advantages to mean 0, std 1 over the rollout's answer tokens")
+    gamma: float = flag(1.0, "discount; 1: a token early in the answer matters as much as a late one")
+    lam: float = flag(0.95, "GAE lambda: 1 = Monte Carlo returns (high variance), 0 = one-step TD (high bias)")
+    ppo_epochs: int = flag(2, "passes over each rollout")
+    minibatch_size: int = flag(32, "answers per PPO update")
+    clip_eps: float = flag(0.2, "policy ratio clip range")
+    clip_value: float = flag(0.2, "value clip range around the rollout's values (its own coefficient, not clip_eps)")
+    vf_coef: float = flag(0.5, "weight of the value loss")
+    lr: float = flag(1e-4, "learning rate of policy and value head (constant)")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
+    eval_interval: int = flag(5, "evaluate on held-out prompts and checkpoint every this many iterations")
+    eval_prompts: int = flag(128, "held-out prompts for the eval (gold score on the built-in task)")
+    sample_interval: int = flag(10, "write a few (prompt, answer, reward, gold) samples every this many iterations")
+    logprob_impl: str = flag("auto", "per-token log-probs: 'auto' (Triton on CUDA), 'triton' or 'torch' (reference)")
+    seed: int = flag(1337, "seed for prompt order and sampling")
+    device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
+    resume: bool = flag(False, "continue from out_dir/ckpt.pt at the iteration it saved")
+
+
+# -----------------------------------------------------------------------------
+# The pieces worth testing
+
+
+def policy_forward(model, tokens, attention_mask, action_mask, cfg):
+    """log pi(a_t | s_t), the entropy of pi(. | s_t) and the value V(s_t) at each action column t, each
+    (B, T) with zeros outside the answer. Rollout and update both call this, on the same rows and
+    padding, so the log-probs are recomputed with the very numerics of training.
+
+    hidden[:, t] is the state after token t, which chooses token t+1: the action at column t is read
+    from column t-1. Only those states go through the LM head: the one place where the fused log-prob
+    kernel (or its PyTorch reference) is chosen, and the (B, T, V) logits never exist."""
+    with autocast(tokens.device):
+        hidden, values = model(tokens, attention_mask)  # (B, T, C), (B, T)
+    acts = action_mask[:, 1:].bool()  # (B, T-1): column t+1 holds an action taken in state t
+    logp, entropy = linear_logprobs(hidden[:, :-1][acts], model.policy.lm_head.weight, tokens[:, 1:][acts],
+                                    cfg.temperature, impl=cfg.logprob_impl)  # (N,), (N,)
+    out = torch.zeros(3, *tokens.shape, device=tokens.device)  # (3, B, T)
+    out[0, :, 1:][acts], out[1, :, 1:][acts], out[2, :, 1:][acts] = logp, entropy, values[:, :-1][acts].float()
+    return out[0], out[1], out[2]
+
+
+def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
+    """r_t = -kl_coef * (logp - logp_ref) on every action, plus the score on the last action.
+
+    logp - logp_ref is the sampled estimate of KL(pi || pi_ref) at that token: its expectation under
+    the policy is the KL. It lands only where the policy acted (not on the prompt, not on padding)."""
+    kl = (logp - logp_ref) * action_mask  # (B, T)
+    rewards = -kl_coef * kl
+    last = action_mask.size(1) - 1 - action_mask.flip(dims=[1]).argmax(dim=1)  # (B,) the last action
+    rewards[torch.arange(len(score)), last] += score
+    return rewards, kl
+
+
+def gae(rewards, values, action_mask, gamma, lam):
+    """Advantages and returns by Generalised Advantage Estimation (Schulman et al. 2016), (B, T).
+
+    V(s) after the last action is 0: the episode ended. Walks backwards over the columns; positions
+    outside the answer stay 0."""
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        m = action_mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * m
+        # outside the answer, carry nothing back: the next action's value and advantage start at 0
+        next_advantage = advantages[:, t]
+        next_value = values[:, t] * m
+    returns = (advantages + values) * action_mask
+    return advantages, returns
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the masked entries; outside the mask stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_policy_loss(logp, logp_old, advantages, action_mask, clip_eps):
+    """The clipped surrogate: take the pessimistic one of the unclipped and clipped objectives, so that
+    a ratio pushed beyond 1 +- clip_eps earns nothing more. Returns (loss, clip fraction, approx KL)."""
+    ratio = torch.exp(logp - logp_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.max(unclipped, clipped), action_mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), action_mask)
+    # approx KL(old || new) with the low-variance estimator (ratio - 1) - log ratio (Schulman, "Approximating
+    # KL divergence", 2020): always >= 0, and the health metric CleanRL logs
+    approx_kl = masked_mean((ratio - 1) - (logp - logp_old), action_mask)
+    return loss, clip_frac, approx_kl
+
+
+def ppo_value_loss(values, values_old, returns, action_mask, clip_value):
+    """0.5 * squared error, clipped around the rollout's values like the policy ratio: the pessimistic
+    (larger) of the two errors. Returns (loss, value clip fraction)."""
+    values_clipped = values_old + torch.clamp(values - values_old, -clip_value, clip_value)
+    err = (values - returns) ** 2
+    err_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(err, err_clipped), action_mask)
+    return loss, masked_mean((err_clipped > err).float(), action_mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: raise kl_coef when the KL is above target, lower it when below,
+    by at most 20% of the error, averaged over `horizon` answers."""
+
+    def __init__(self, kl_coef, target, horizon):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl, n_answers):
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_answers / self.horizon
+
+
+class RunningStd:
+    """Running variance of the scores (Welford, merged batch by batch), for optional reward scaling."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x):
+        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item()
+        delta, total = mean - self.mean, self.count + n
+        self.m2 += var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self):
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 1.0
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect value head, 0 no better than a constant."""
+    v, r = values[mask.bool()], returns[mask.bool()]
+    return (1 - (r - v).var() / r.var()).item() if r.numel() > 1 else float("nan")
+
+
+@torch.no_grad()
+def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg):
+    """logp, values, entropy, logp_ref and the scores of a rollout, in mini-batches of the same rows
+    and padding that the PPO updates will use, so that the first update's ratio is exactly 1 up to
+    float rounding."""
+    out = {"logp": [], "entropy": [], "values": [], "logp_ref": [], "score": []}
+    for rows in torch.arange(len(tokens), device=tokens.device).split(cfg.minibatch_size):
+        tok, att, act = tokens[rows], attention_mask[rows], answer_mask[rows]
+        logp, entropy, values = policy_forward(model, tok, att, act, cfg)
+        with autocast(tokens.device):
+            hidden_ref = ref.hidden_states(tok, att)
+            score = reward_model(tok, att).float()  # read at the last real token: the answer's EOS
+        acts = act[:, 1:].bool()
+        logp_ref = torch.zeros_like(logp)
+        logp_ref[:, 1:][acts] = linear_logprobs(hidden_ref[:, :-1][acts], ref.lm_head.weight, tok[:, 1:][acts],
+                                                cfg.temperature, impl=cfg.logprob_impl)[0]
+        for key, value in zip(out, (logp, entropy, values, logp_ref, score)):
+            out[key].append(value)
+    return {key: torch.cat(value) for key, value in out.items()}
+
+
+@torch.no_grad()
+def sample_and_score(model, reward_model, tok, prompts, cfg, device, seed):
+    """Answers sampled from the policy for a list of prompts, with their reward-model scores and (on the
+    built-in task) their gold scores. Used for the held-out eval and the logged samples."""
+    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
+    prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
+    tokens, attention_mask, answer_mask = model.policy.generate(prompt_ids, cfg.max_new_tokens, EOS_ID, cfg.temperature, seed=seed)
+    answers = [tok.decode([t for t, m in zip(row, mask) if m and t != EOS_ID]) for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+    with autocast(device):
+        scores = reward_model(tokens, attention_mask).float().tolist()
+    gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else [float("nan")] * len(prompts)
+    return answers, scores, gold
+
+
+# -----------------------------------------------------------------------------
+# The training run
+
+
+def main(cfg):
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tok = get_tokenizer()
+    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
+    if cfg.minibatch_size > cfg.prompts_per_iter * cfg.samples_per_prompt:
+        raise DataError(f"--minibatch_size {cfg.minibatch_size} is larger than a rollout "
+                        f"({cfg.prompts_per_iter} prompts x {cfg.samples_per_prompt} samples)")
+
+    # --- prompts ---
+    if cfg.data == "default":
+        train_prompts = task.make_prompts(4000, "train", cfg.seed + 5)
+        eval_prompts = task.make_prompts(cfg.eval_prompts, "eval", cfg.seed + 6)
+    else:
+        train_prompts = load_prompts(cfg.data)
+        n_eval = min(cfg.eval_prompts, max(1, len(train_prompts) // 10))
+        train_prompts, eval_prompts = train_prompts[:-n_eval], train_prompts[-n_eval:]
+    if len(train_prompts) < cfg.prompts_per_iter:
+        raise DataError(f"{cfg.data}: {len(train_prompts)} prompts, fewer than --prompts_per_iter {cfg.prompts_per_iter}")
+    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
+
+    # --- the models: policy + value head (trained), reference (frozen), reward model (frozen) ---
+    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
+    sft_policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl)
+    reward_model = model_from_checkpoint(load_checkpoint(cfg.reward, "reward"), cfg.attn_impl)
+    reward_model.to(device).eval().requires_grad_(False)
+    ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)
+    start_iter, kl_coef = 0, cfg.kl_coef
+    if cfg.resume:
+        resume_ckpt = load_checkpoint(ckpt_path, "ppo")
+        model, start_iter = model_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
+        kl_coef = resume_ckpt["extra"]["kl_coef"]
+        print(f"resuming {ckpt_path} at iteration {start_iter}")
+    else:
+        model = PolicyWithValue(sft_policy.config)
+        model.policy.load_state_dict(sft_policy.state_dict())
+    if model.config.block_size < cfg.max_prompt_tokens + cfg.max_new_tokens:
+        raise DataError(f"--max_prompt_tokens + --max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} "
+                        f"exceeds the model's block_size {model.config.block_size}")
+    model.to(device)
+    # dropout is 0 in every config here, but eval() makes sure: PPO's ratio compares log-probs of the
+    # sampling policy and the updated policy, and dropout noise would count as a policy change
+    model.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if cfg.resume:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+    kl_ctl = AdaptiveKLController(kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    score_std = RunningStd()
+    if cfg.resume:
+        vars(score_std).update(resume_ckpt["extra"]["score_std"])
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
+    samples_log = MetricsLog(f"{cfg.out_dir}/samples.jsonl", resume_step=start_iter if cfg.resume else None)
+
+    def evaluate(step):
+        answers, scores, gold = sample_and_score(model, reward_model, tok, eval_prompts, cfg, device, cfg.seed + 7)
+        metrics = {"step": step, "eval_reward": sum(scores) / len(scores), "eval_gold": sum(gold) / len(gold)}
+        log.write(metrics)
+        return metrics
+
+    if start_iter == 0:
+        metrics = evaluate(0)
+        print(f"iteration 0 (the SFT policy): eval reward {metrics['eval_reward']:.3f}, eval gold {metrics['eval_gold']:.3f}")
+
+    progress = Progress("ppo", cfg.iterations, start_iter)
+    for it in range(start_iter, cfg.iterations):
+        # ---- 1. rollout: sample answers from the current policy ----
+        t0 = time.time()
+        prompts = [train_prompts[i] for i in batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed)]
+        prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
+        tokens, attention_mask, answer_mask = model.policy.generate(
+            prompt_ids, cfg.max_new_tokens, EOS_ID, cfg.temperature, seed=cfg.seed * 1000 + it)
+        gen_time = time.time() - t0
+        action_mask = answer_mask.float()
+
+        # ---- 2. score it: reward model, log-probs of policy and reference, values ----
+        t1 = time.time()
+        roll = rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg)
+        ends_with_eos = ((tokens == EOS_ID) & answer_mask.bool()).any(dim=1)
+        score = roll["score"] - cfg.eos_penalty * (~ends_with_eos).float()
+        if cfg.reward_scaling:
+            score_std.update(score)
+            score = score / score_std.std
+
+        # ---- 3. per-token rewards with the KL penalty, then GAE ----
+        rewards, kl = per_token_rewards(score, roll["logp"], roll["logp_ref"], action_mask, kl_coef)
+        advantages, returns = gae(rewards, roll["values"], action_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, action_mask)
+
+        # ---- 4. PPO epochs over mini-batches of the rollout ----
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "value_clip_frac": 0.0, "approx_kl": 0.0}
+        n_updates = 0
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed + 31 * it + epoch))
+            for rows in order.to(device).split(cfg.minibatch_size):
+                mb_mask = action_mask[rows]
+                logp, _, values = policy_forward(model, tokens[rows], attention_mask[rows], answer_mask[rows], cfg)
+                pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][rows], advantages[rows], mb_mask, cfg.clip_eps)
+                vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][rows], returns[rows], mb_mask, cfg.clip_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                for key, value in zip(sums, (pg_loss, vf_loss, clip_frac, vf_clip_frac, approx_kl)):
+                    sums[key] += value.detach()
+                n_updates += 1
+        train_time = time.time() - t1
+
+        # ---- 5. adapt the KL coefficient, log ----
+        kl_per_answer = (kl.sum(1)).mean().item()  # a sync point, once per iteration
+        if kl_ctl is not None:
+            kl_ctl.update(kl_per_answer, len(tokens))
+            kl_coef = kl_ctl.value
+        n_tokens = int(attention_mask.sum())
+        step = it + 1
+        record = {
+            "step": step,
+            "reward": roll["score"].mean().item(),  # the reward model's score, before penalties
+            "kl": kl_per_answer,  # sum over the answer of logp - logp_ref, mean over answers
+            "kl_coef": kl_coef,
+            "entropy": masked_mean(roll["entropy"], action_mask).item(),
+            **{key: float(value) / n_updates for key, value in sums.items()},  # means over all updates
+            "explained_variance": explained_variance(roll["values"], returns, action_mask),
+            "answer_length": answer_mask.sum(1).float().mean().item(),
+            "eos_fraction": ends_with_eos.float().mean().item(),
+            "gen_tokens_per_s": answer_mask.sum().item() / gen_time,
+            "train_tokens_per_s": n_tokens * (cfg.ppo_epochs + 1) / train_time,
+        }
+        answers = [tok.decode([t for t, m in zip(row, mask) if m and t != EOS_ID]) for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+        if cfg.data == "default":
+            record["gold"] = sum(task.gold_score(p, a) for p, a in zip(prompts, answers)) / len(answers)
+        log.write(record)
+        progress.update(step, reward=record["reward"], gold=record.get("gold", float("nan")), kl=record["kl"],
+                        clip=record["clip_frac"])
+        if step % cfg.sample_interval == 0 or step == cfg.iterations:
+            scores = roll["score"].tolist()
+            for p, a, s in list(zip(prompts, answers, scores))[:: cfg.samples_per_prompt][:4]:
+                samples_log.write({"step": step, "prompt": p, "answer": a, "reward": s,
+                                   "gold": task.gold_score(p, a) if cfg.data == "default" else None})
+        if step % cfg.eval_interval == 0 or step == cfg.iterations:
+            metrics = evaluate(step)
+            save_checkpoint(ckpt_path, model, "ppo", step, asdict(cfg), optimizer, extra={"kl_coef": kl_coef, "score_std": vars(score_std), "metrics": metrics})
+            progress.close()
+            print(f"iteration {step}: eval reward {metrics['eval_reward']:.3f}, eval gold {metrics['eval_gold']:.3f}, "
+                  f"kl {record['kl']:.3f}; saved {ckpt_path}")
+            for p, a, s in list(zip(prompts, answers, roll["score"].tolist()))[:2]:
+                print(f"  {p!r} -> {a!r} (reward {s:.2f})")
+    progress.close()
+    return model, ref
+
+
+if __name__ == "__main__":
+    run(lambda: main(parse_args(Config)))
