@@ -40,7 +40,7 @@ from data import (
     load_preferences, pad_batch, parse_args, pick_device, run,
 )
 from model import RewardModel, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
-from train_sft import batch_indices, lr_at, sample_answers
+from train_sft import adamw, batch_indices, lr_at, sample_answers
 
 
 @dataclass
@@ -103,6 +103,12 @@ def comparison_pairs(groups):
     return torch.tensor(better), torch.tensor(worse), torch.tensor(gap)
 
 
+def pair_accuracy(r_chosen, r_rejected):
+    """1 where the chosen answer gets the higher reward, 0 where the lower, 1/2 for a tie (as a coin
+    flip would do: the untrained, zero-initialised head ties every pair)."""
+    return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+
+
 def reward_batch(groups, tok, trunc, device):
     """All answers of all groups as one right-padded batch of prompt+answer sequences."""
     seqs = []
@@ -146,7 +152,7 @@ def evaluate(model, eval_groups, tok, trunc, cfg, device):
     r_c, r_r = torch.cat(r_c), torch.cat(r_r)
     metrics = {
         "eval_loss": sum(losses) / len(r_c),
-        "eval_accuracy": (r_c > r_r).float().mean().item(),
+        "eval_accuracy": pair_accuracy(r_c, r_r).mean().item(),
         "eval_margin": (r_c - r_r).mean().item(),
         "reward_chosen_mean": r_c.mean().item(), "reward_chosen_std": r_c.std().item(),
         "reward_rejected_mean": r_r.mean().item(), "reward_rejected_std": r_r.std().item(),
@@ -160,8 +166,8 @@ def evaluate(model, eval_groups, tok, trunc, cfg, device):
                     gold_r.append(task.gold_score(prompt, answers[j]))
         gold_diff = torch.tensor(gold_c) - torch.tensor(gold_r)
         decided = gold_diff != 0  # gold ties say nothing about order
-        rm_agrees = ((r_c - r_r).cpu() > 0) == (gold_diff > 0)
-        metrics["gold_agreement"] = rm_agrees[decided].float().mean().item()
+        sign = torch.where(gold_diff > 0, 1.0, -1.0)  # orient each pair so the gold judge prefers the first
+        metrics["gold_agreement"] = pair_accuracy(sign * r_c.cpu(), sign * r_r.cpu())[decided].mean().item()
     model.train()
     return metrics
 
@@ -229,10 +235,7 @@ def main(cfg):
         model.transformer.load_state_dict(policy.state_dict())
     model.to(device).train()
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     if cfg.resume:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
     log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
@@ -260,7 +263,7 @@ def main(cfg):
         optimizer.zero_grad(set_to_none=True)
         pairs_seen += len(r_chosen)
         sums["loss"] += loss.detach()
-        sums["accuracy"] += (r_chosen > r_rejected).float().mean().detach()
+        sums["accuracy"] += pair_accuracy(r_chosen, r_rejected).mean().detach()
         sums["margin"] += (r_chosen - r_rejected).mean().detach()
 
         step = it + 1

@@ -36,3 +36,16 @@ def reward_run(sft_run, tmp_path_factory):
                               max_iters=200, eval_interval=200, norm_prompts=64)
     model, metrics = train_reward.main(cfg)
     return out, cfg, model, metrics
+
+
+def crash_after_first_checkpoint(script, monkeypatch):
+    """Make `script`.main die (KeyboardInterrupt) right after it writes its first checkpoint, as a run
+    stopped by hand would; returns the function that undoes it."""
+    real_save = script.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "save_checkpoint", save_then_die)
+    return lambda: monkeypatch.setattr(script, "save_checkpoint", real_save)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import crash_after_first_checkpoint
 import train_ppo
 from model import load_checkpoint, policy_from_checkpoint
 from train_ppo import Config, gae, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
@@ -110,16 +111,10 @@ def test_short_run_raises_reward_and_keeps_reference_frozen(sft_run, reward_dir,
 
 def test_resume_continues_exactly(sft_run, reward_dir, tmp_path, monkeypatch):
     straight, _ = train_ppo.main(ppo_cfg(tmp_path / "a", sft_run, reward_dir))
-    real_save = train_ppo.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_ppo, "save_checkpoint", save_then_die)
+    restore = crash_after_first_checkpoint(train_ppo, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_ppo.main(ppo_cfg(tmp_path / "b", sft_run, reward_dir))
-    monkeypatch.setattr(train_ppo, "save_checkpoint", real_save)
+    restore()
     assert load_checkpoint(tmp_path / "b" / "ckpt.pt", "ppo")["step"] == 2
     resumed, _ = train_ppo.main(ppo_cfg(tmp_path / "b", sft_run, reward_dir, resume=True))
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):

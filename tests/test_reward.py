@@ -75,3 +75,8 @@ def test_wrong_stage_checkpoint_is_a_one_line_error(reward_run, tmp_path):
     bad = Config(out_dir=str(tmp_path), sft=str(out / "ckpt.pt"))
     with pytest.raises(LoadError, match="is a 'reward' checkpoint, but a 'sft'"):
         train_reward.main(bad)
+
+
+def test_pair_accuracy_counts_a_tie_as_half():
+    acc = train_reward.pair_accuracy(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0]))
+    assert acc.tolist() == [1.0, 0.5, 0.0]

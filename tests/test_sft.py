@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import crash_after_first_checkpoint
 import train_sft
 from model import GPT, GPTConfig, LoadError, load_checkpoint
 from train_sft import IGNORE, Config, sft_batch, sft_loss
@@ -67,16 +68,10 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
     straight = train_sft.main(small_cfg(tmp_path / "a"))
 
     # the same run, killed right after its first checkpoint (step 4), then resumed
-    real_save = train_sft.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_sft, "save_checkpoint", save_then_die)
+    restore = crash_after_first_checkpoint(train_sft, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_sft.main(small_cfg(tmp_path / "b"))
-    monkeypatch.setattr(train_sft, "save_checkpoint", real_save)
+    restore()
     assert load_checkpoint(tmp_path / "b" / "ckpt.pt", "sft")["step"] == 4
     resumed = train_sft.main(small_cfg(tmp_path / "b", resume=True))
 
