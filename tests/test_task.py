@@ -6,6 +6,7 @@ import random
 import pytest
 
 import task
+from data import get_tokenizer
 from task import GOLD_MAX, GOLD_MIN, format_prompt, gold_score, gold_terms
 
 HAPPY_SEA = format_prompt("Write a happy sentence about the sea.")
@@ -177,8 +178,7 @@ def test_k_way_rankings():
 
 
 def test_everything_tokenizes_short():
-    tiktoken = pytest.importorskip("tiktoken")
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_tokenizer()
     for request in task.SPECS:
         prompt = format_prompt(request)
         assert len(enc.encode(prompt)) <= 32
