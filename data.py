@@ -5,6 +5,7 @@ tokenize / truncate / pad steps that turn text into batches.
 Formats read (one JSON object per line; blank lines are skipped):
     demonstrations   {"prompt", "response"}                                  -> SFT
     TL;DR            {"subreddit", "title", "post", "summary"}               -> SFT
+    (and any preference format below: SFT takes its chosen answers)
     preferences      {"prompt", "chosen", "rejected"[, "chosen_score", "rejected_score"]} -> reward model
     HH-RLHF          {"chosen", "rejected"}: full dialogues, split at the last "\n\nAssistant:"
     TL;DR compared   {"info": {...}, "summaries": [{"text"}, {"text"}], "choice": 0 | 1}
@@ -116,10 +117,20 @@ def split_dialogue(path, lineno, chosen, rejected):
 
 
 def load_demonstrations(path):
-    """SFT data: {prompt, response} lines, or TL;DR {subreddit, title, post, summary} lines."""
+    """SFT data: {prompt, response} lines, TL;DR {subreddit, title, post, summary} lines, or preference
+    data (generic or HH-RLHF), whose chosen answer is taken as the demonstration, as is usual for SFT
+    on HH-RLHF."""
     out = []
     for lineno, obj in read_jsonl(path):
-        if "summary" in obj and "post" in obj:
+        if "response" not in obj and "chosen" in obj:
+            _fields(path, lineno, obj, ("chosen", "rejected"))
+            if "prompt" in obj:
+                _fields(path, lineno, obj, ("prompt",))
+                out.append({"prompt": obj["prompt"], "response": obj["chosen"]})
+            else:
+                prompt, chosen, _ = split_dialogue(path, lineno, obj["chosen"], obj["rejected"])
+                out.append({"prompt": prompt, "response": chosen})
+        elif "summary" in obj and "post" in obj:
             _fields(path, lineno, obj, ("subreddit", "title", "post", "summary"))
             out.append({"prompt": tldr_prompt(obj["subreddit"], obj["title"], obj["post"]), "response": obj["summary"]})
         else:

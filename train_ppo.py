@@ -305,13 +305,15 @@ def main(cfg):
 
     def evaluate(step):
         answers, scores, gold = sample_and_score(model, reward_model, tok, eval_prompts, cfg, device, cfg.seed + 7)
-        metrics = {"step": step, "eval_reward": sum(scores) / len(scores), "eval_gold": sum(gold) / len(gold)}
+        metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
+        if cfg.data == "default":  # no gold judge for outside data
+            metrics["eval_gold"] = sum(gold) / len(gold)
         log.write(metrics)
         return metrics
 
     if start_iter == 0:
         metrics = evaluate(0)
-        print(f"iteration 0 (the SFT policy): eval reward {metrics['eval_reward']:.3f}, eval gold {metrics['eval_gold']:.3f}")
+        print(f"iteration 0 (the SFT policy): eval reward {metrics['eval_reward']:.3f}, eval gold {metrics.get('eval_gold', float('nan')):.3f}")
 
     progress = Progress("ppo", cfg.iterations, start_iter)
     for it in range(start_iter, cfg.iterations):
@@ -396,7 +398,7 @@ def main(cfg):
             metrics = evaluate(step)
             save_checkpoint(ckpt_path, model, "ppo", step, asdict(cfg), optimizer, extra={"kl_coef": kl_coef, "score_std": vars(score_std), "metrics": metrics})
             progress.close()
-            print(f"iteration {step}: eval reward {metrics['eval_reward']:.3f}, eval gold {metrics['eval_gold']:.3f}, "
+            print(f"iteration {step}: eval reward {metrics['eval_reward']:.3f}, eval gold {metrics.get('eval_gold', float('nan')):.3f}, "
                   f"kl {record['kl']:.3f}; saved {ckpt_path}")
             for p, a, s in list(zip(prompts, answers, roll["score"].tolist()))[:2]:
                 print(f"  {p!r} -> {a!r} (reward {s:.2f})")

@@ -37,7 +37,7 @@ class Config:
     """Supervised fine-tuning: cross-entropy on the answer tokens of (prompt, answer) demonstrations."""
 
     out_dir: str = flag("out/sft", "folder for ckpt.pt, metrics.jsonl and samples")
-    data: str = flag("default", "'default' for the built-in task, or a JSONL file of {prompt, response} or TL;DR lines")
+    data: str = flag("default", "'default' for the built-in task, or a JSONL file of {prompt, response}, TL;DR, or preference lines (their chosen answers)")
     eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
     init: str = flag("scratch", "'scratch' (a new GPT of --preset), 'gpt2' (Hugging Face weights in --weights), or a checkpoint path")
     preset: str = flag("tiny", "model shape for --init scratch: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")

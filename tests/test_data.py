@@ -37,6 +37,14 @@ def test_demonstrations_and_tldr():
     assert tldr[0]["prompt"].endswith("\nTL;DR:") and tldr[0]["response"].startswith(" ")
 
 
+def test_preference_files_give_their_chosen_answers_as_demonstrations():
+    hh = load_demonstrations(SHARED_DATA / "hh_rlhf_sample.jsonl")
+    pairs = load_preferences(SHARED_DATA / "hh_rlhf_sample.jsonl")
+    assert [(d["prompt"], d["response"]) for d in hh] == [(p["prompt"], p["chosen"]) for p in pairs]
+    generic = load_demonstrations(SHARED_DATA / "preferences_sample.jsonl")
+    assert generic[0]["response"] == load_preferences(SHARED_DATA / "preferences_sample.jsonl")[0]["chosen"]
+
+
 def test_hh_rlhf_is_split_at_the_last_shared_assistant_turn():
     pairs = load_preferences(SHARED_DATA / "hh_rlhf_sample.jsonl")
     raw = [json.loads(line) for line in (SHARED_DATA / "hh_rlhf_sample.jsonl").read_text().splitlines()]
