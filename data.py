@@ -226,6 +226,12 @@ def encode_example(tok, prompt, answer, trunc):
     return prompt_ids, answer_ids + [EOS_ID]
 
 
+def decode_answers(tok, tokens, answer_mask):
+    """The generated part of each row as text, without the EOS that ended it."""
+    return [tok.decode([t for t, keep in zip(row, mask) if keep and t != EOS_ID])
+            for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+
+
 def pad_batch(sequences, pad_id=EOS_ID, side="right", device="cpu"):
     """A list of id lists -> (ids (B, T), attention_mask (B, T)), padded on the given side."""
     T = max(len(s) for s in sequences)

@@ -39,8 +39,8 @@ import torch
 
 import task
 from data import (
-    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, encode_prompt, flag, get_tokenizer,
-    load_prompts, pad_batch, parse_args, pick_device, run,
+    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, decode_answers, encode_prompt, flag, get_tokenizer,
+    load_prompts, parse_args, pick_device, run,
 )
 from kernels.logprob import linear_logprobs
 from model import PolicyWithValue, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
@@ -239,7 +239,7 @@ def sample_and_score(model, reward_model, tok, prompts, cfg, device, seed):
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
     tokens, attention_mask, answer_mask = model.policy.generate(prompt_ids, cfg.max_new_tokens, EOS_ID, cfg.temperature, seed=seed)
-    answers = [tok.decode([t for t, m in zip(row, mask) if m and t != EOS_ID]) for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+    answers = decode_answers(tok, tokens, answer_mask)
     with autocast(device):
         scores = reward_model(tokens, attention_mask).float().tolist()
     gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else [float("nan")] * len(prompts)
@@ -383,7 +383,7 @@ def main(cfg):
             "gen_tokens_per_s": answer_mask.sum().item() / gen_time,
             "train_tokens_per_s": n_tokens * (cfg.ppo_epochs + 1) / train_time,
         }
-        answers = [tok.decode([t for t, m in zip(row, mask) if m and t != EOS_ID]) for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+        answers = decode_answers(tok, tokens, answer_mask)
         if cfg.data == "default":
             record["gold"] = sum(task.gold_score(p, a) for p, a in zip(prompts, answers)) / len(answers)
         log.write(record)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import task
 from data import (
-    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, encode_example, encode_prompt, flag,
+    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, decode_answers, encode_example, encode_prompt, flag,
     get_tokenizer, load_demonstrations, pad_batch, parse_args, pick_device, run,
 )
 from model import GPT, config_from_preset, load_checkpoint, load_gpt2_weights, policy_from_checkpoint, save_checkpoint
@@ -123,8 +123,7 @@ def sample_answers(model, tok, prompts, max_prompt_tokens, max_new_tokens, tempe
     for start in range(0, len(prompts), 64):
         tokens, _, answer_mask = model.generate(prompt_ids[start : start + 64], max_new_tokens, EOS_ID,
                                                 temperature=temperature, seed=seed + start)
-        for row, m in zip(tokens.tolist(), answer_mask.tolist()):
-            answers.append(tok.decode([t for t, keep in zip(row, m) if keep and t != EOS_ID]))
+        answers += decode_answers(tok, tokens, answer_mask)
     return answers
 
 
@@ -211,7 +210,7 @@ def main(cfg):
     if start_iter == 0:  # the untrained (or pretrained) model, for the "before" of every curve
         metrics, samples = evaluate(model, tok, eval_examples, eval_prompts, cfg, device, cfg.seed)
         log.write({"step": 0, **metrics})
-        print(f"step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     progress = Progress("sft", cfg.max_iters, start_iter)
     t0, tokens_seen = time.time(), 0

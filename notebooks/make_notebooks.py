@@ -111,7 +111,7 @@ import time
 import torch
 
 import task
-from data import EOS_ID, get_tokenizer
+from data import EOS_ID, decode_answers, get_tokenizer
 from model import policy_from_checkpoint
 
 tok = get_tokenizer()
@@ -134,8 +134,7 @@ def sample(model, prompts, max_new_tokens=24, seed=0, **kwargs):
     """One answer per prompt, decoded without its EOS."""
     tokens, _, answer_mask = model.generate([tok.encode_ordinary(p) for p in prompts], max_new_tokens, EOS_ID,
                                             seed=seed, **kwargs)
-    return [tok.decode([t for t, keep in zip(row, mask) if keep and t != EOS_ID])
-            for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+    return decode_answers(tok, tokens, answer_mask)
 
 
 settings = {"greedy": dict(temperature=0.0), "T=0.7": dict(temperature=0.7), "T=1": dict(temperature=1.0),

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import EOS_ID, Truncation, get_tokenizer  # noqa: E402
+from data import Truncation, get_tokenizer  # noqa: E402
 from model import attention_mask_allowed, load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
 
 
