@@ -1,33 +1,41 @@
 """
-Data for every stage: the GPT-2 tokenizer (offline), readers for the real JSONL formats, and the
-tokenize / truncate / pad steps that turn text into batches.
+Data for every stage: the tokenizer, readers for the real JSONL formats, and the tokenize / truncate /
+pad steps that turn text into batches.
 
-Formats read (one JSON object per line; blank lines are skipped):
+Formats read (one JSON object per line, UTF-8; blank lines are skipped):
     demonstrations   {"prompt", "response"}                                  -> SFT
     TL;DR            {"subreddit", "title", "post", "summary"}               -> SFT
     (and any preference format below: SFT takes its chosen answers)
     preferences      {"prompt", "chosen", "rejected"[, "chosen_score", "rejected_score"]} -> reward model
+    rankings         {"prompt", "answers": [best first, ...][, "scores": [...]]}           -> reward model
     HH-RLHF          {"chosen", "rejected"}: full dialogues, split at the last "\n\nAssistant:"
     TL;DR compared   {"info": {...}, "summaries": [{"text"}, {"text"}], "choice": 0 | 1}
-Every record becomes a dict with the generic keys (prompt/response or prompt/chosen/rejected).
+Every record becomes a dict with the generic keys (prompt/response, or prompt/answers best-first).
+
+Bad input, two kinds:
+  - a line that is not what the format says (not UTF-8, not JSON, a missing or mistyped field, a score
+    that is NaN or infinite) stops the run with the file and line: the file is broken, fix it;
+  - a well-formed line that cannot teach anything (an empty prompt or answer, or HH-RLHF dialogues that
+    part ways before their last turn, so the two answers do not answer one prompt) is skipped, and the
+    loader prints how many and the first line numbers: real data sets have a few, and one should not
+    stop a run on thousands.
 """
 
-import argparse
 import json
+import math
 import os
-import sys
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import task
 from model import LoadError
 
 REPO = Path(__file__).resolve().parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-EOS_ID = 50256  # <|endoftext|>: the end of every answer, and the padding token
 ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
 
 
 class DataError(LoadError):
@@ -36,17 +44,26 @@ class DataError(LoadError):
 
 # -----------------------------------------------------------------------------
 # Tokenizer
+#
+# GPT-2's byte-pair encoding (tiktoken) always does the splitting of text into tokens. A model trained
+# from scratch on the built-in task does not need GPT-2's 50257 ids, though: the task's few hundred
+# words use a few hundred of them. So such a model gets a compact vocabulary, `table`: its token i is
+# GPT-2's token table[i]. The embedding and the LM head shrink from 50257 x C to len(table) x C, which is
+# most of a tiny model's parameters and most of its FLOPs per token: every stage runs several times
+# faster on a CPU. GPT-2 weights keep the full vocabulary (table None). The table is saved in every
+# checkpoint, so a model is always read with the tokenizer it was trained with.
 
 GPT2_BPE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
-_tokenizer = None
+GPT2_EOS = 50256  # <|endoftext|>: the end of every answer, and the padding token
+_bpe = None
 
 
-def get_tokenizer():
+def gpt2_bpe():
     """tiktoken's GPT-2 encoding, loaded only from a local cache (TIKTOKEN_CACHE_DIR, by default the
     shared folder beside this repository): a machine without internet gets one clear line, not a
     network traceback."""
-    global _tokenizer
-    if _tokenizer is None:
+    global _bpe
+    if _bpe is None:
         cache = os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
         missing = [f for f in GPT2_BPE_FILES if not (Path(cache) / f).is_file()]
         if missing:
@@ -56,8 +73,61 @@ def get_tokenizer():
             )
         import tiktoken
 
-        _tokenizer = tiktoken.get_encoding("gpt2")
-    return _tokenizer
+        _bpe = tiktoken.get_encoding("gpt2")
+    return _bpe
+
+
+class Tokenizer:
+    """Text <-> token ids: GPT-2's BPE, with the full vocabulary (table=None) or a compact table."""
+
+    def __init__(self, table=None):
+        self.bpe = gpt2_bpe()
+        self.table = None if table is None else list(table)
+        if self.table is None:
+            self.vocab_size, self.eos_id = self.bpe.n_vocab, GPT2_EOS
+        else:
+            self.compact_id = {gpt2_id: i for i, gpt2_id in enumerate(self.table)}
+            self.vocab_size, self.eos_id = len(self.table), self.compact_id[GPT2_EOS]
+
+    def encode(self, text, where="text"):
+        """Token ids of text; `where` (a file name) goes into the error for text the table cannot hold."""
+        ids = self.bpe.encode_ordinary(text)  # special tokens in the text are read as plain text
+        if self.table is None:
+            return ids
+        unknown = [i for i in ids if i not in self.compact_id]
+        if unknown:
+            raise DataError(f"{where}: {text[:60]!r} holds {self.bpe.decode(unknown[:3])!r}, outside the compact "
+                            "vocabulary of the built-in task's model; train it with --vocab gpt2 to read any text")
+        return [self.compact_id[i] for i in ids]
+
+    def decode(self, ids):
+        if self.table is not None:
+            ids = [self.table[i] for i in ids]
+        return self.bpe.decode(ids)
+
+    def decode_answer(self, ids):
+        """The text of a generated answer, without the EOS that ended it."""
+        return self.decode([i for i in ids if i != self.eos_id])
+
+    def state(self):
+        """What a checkpoint stores to rebuild this tokenizer."""
+        return {"bpe": "gpt2", "table": self.table}
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(state["table"])
+
+
+def task_tokenizer():
+    """The compact vocabulary of the built-in task: EOS and every GPT-2 token that the task's texts
+    (task.vocabulary_texts: every prompt, and every word, number and punctuation an answer can hold in
+    each form it can take) are split into. GPT-2 splits text into words before it merges bytes, so a
+    word is always the same tokens wherever it occurs, and any answer the task can write is covered."""
+    bpe = gpt2_bpe()
+    ids = {GPT2_EOS}
+    for text in task.vocabulary_texts():
+        ids.update(bpe.encode_ordinary(text))
+    return Tokenizer(sorted(ids))
 
 
 # -----------------------------------------------------------------------------
@@ -70,8 +140,12 @@ def read_jsonl(path):
     if not path.is_file():
         raise DataError(f"{path}: no such data file; pass a JSONL file, or --data default for the built-in task")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -87,15 +161,48 @@ def read_jsonl(path):
 
 
 def _fields(path, lineno, obj, required, optional=()):
-    """Check that `required` are strings and `optional` (if present) numbers; name the line if not."""
+    """Check that `required` are strings and `optional` (if present) finite numbers; name the line if not."""
     for key in required:
         if key not in obj:
             raise DataError(f"{path}:{lineno}: missing field '{key}' (expected {', '.join(required)})")
         if not isinstance(obj[key], str):
             raise DataError(f"{path}:{lineno}: field '{key}' must be a string, got {type(obj[key]).__name__}")
     for key in optional:
-        if key in obj and (isinstance(obj[key], bool) or not isinstance(obj[key], (int, float))):
-            raise DataError(f"{path}:{lineno}: field '{key}' must be a number, got {type(obj[key]).__name__}")
+        if key in obj:
+            _number(path, lineno, key, obj[key])
+
+
+def _number(path, lineno, key, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{path}:{lineno}: field '{key}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise DataError(f"{path}:{lineno}: field '{key}' is {value}; scores must be finite numbers")
+    return float(value)
+
+
+class Skipped:
+    """Well-formed lines that cannot teach anything: counted by reason, reported once per file."""
+
+    def __init__(self, path):
+        self.path, self.lines = path, {}
+
+    def add(self, lineno, reason):
+        self.lines.setdefault(reason, []).append(lineno)
+
+    def usable(self, lineno, prompt, *answers):
+        """False (and the line counted) if the prompt or an answer is empty."""
+        if not prompt.strip():
+            self.add(lineno, "an empty prompt")
+            return False
+        if not all(a.strip() for a in answers):
+            self.add(lineno, "an empty answer")
+            return False
+        return True
+
+    def report(self):
+        for reason, lines in self.lines.items():
+            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            print(f"{self.path}: skipped {len(lines)} line(s) with {reason} (line {shown})")
 
 
 def tldr_prompt(subreddit, title, post):
@@ -103,87 +210,137 @@ def tldr_prompt(subreddit, title, post):
     return f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 
 
-def split_dialogue(path, lineno, chosen, rejected):
-    """HH-RLHF stores two full dialogues that share everything up to an assistant turn: the shared part,
-    up to and including the last "\n\nAssistant:" they have in common, is the prompt; the rest of each
-    is its answer. (Usually that is the last turn; a few real rows continue the chosen dialogue longer.)"""
+def split_dialogue(path, lineno, chosen, rejected, skipped):
+    """HH-RLHF stores two full dialogues that share everything up to their last assistant turn: the
+    shared part, up to and including the last "\n\nAssistant:" they have in common, is the prompt; the
+    rest of each is its answer. Returns None (and counts the line) when the dialogues part ways earlier,
+    so that an "answer" would hold a human turn: then they are not two answers to one prompt."""
     common = 0
     while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
         common += 1
     cut = chosen.rfind(ASSISTANT, 0, common) + len(ASSISTANT)
     if cut < len(ASSISTANT):
         raise DataError(f"{path}:{lineno}: 'chosen' and 'rejected' do not share a prompt ending in '\\n\\nAssistant:'")
+    if HUMAN in chosen[cut:] or HUMAN in rejected[cut:]:
+        skipped.add(lineno, "dialogues that differ before their last turn")
+        return None
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def load_demonstrations(path):
-    """SFT data: {prompt, response} lines, TL;DR {subreddit, title, post, summary} lines, or preference
-    data (generic or HH-RLHF), whose chosen answer is taken as the demonstration, as is usual for SFT
-    on HH-RLHF."""
-    out = []
-    for lineno, obj in read_jsonl(path):
-        if "response" not in obj and "chosen" in obj:
-            _fields(path, lineno, obj, ("chosen", "rejected"))
-            if "prompt" in obj:
-                _fields(path, lineno, obj, ("prompt",))
-                out.append({"prompt": obj["prompt"], "response": obj["chosen"]})
-            else:
-                prompt, chosen, _ = split_dialogue(path, lineno, obj["chosen"], obj["rejected"])
-                out.append({"prompt": prompt, "response": chosen})
-        elif "summary" in obj and "post" in obj:
-            _fields(path, lineno, obj, ("subreddit", "title", "post", "summary"))
-            out.append({"prompt": tldr_prompt(obj["subreddit"], obj["title"], obj["post"]), "response": obj["summary"]})
-        else:
-            _fields(path, lineno, obj, ("prompt", "response"))
-            out.append({"prompt": obj["prompt"], "response": obj["response"]})
-    return out
+def _ranking(path, lineno, obj):
+    """A K-wise ranking {prompt, answers best-first[, scores]}."""
+    answers = obj["answers"]
+    if not isinstance(answers, list) or len(answers) < 2 or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{path}:{lineno}: 'answers' must be a list of two or more strings, best first")
+    _fields(path, lineno, obj, ("prompt",))
+    record = {"prompt": obj["prompt"], "answers": answers}
+    if "scores" in obj:
+        scores = obj["scores"]
+        if not isinstance(scores, list) or len(scores) != len(answers):
+            raise DataError(f"{path}:{lineno}: 'scores' must be a list with one number per answer")
+        record["scores"] = [_number(path, lineno, "scores", s) for s in scores]
+    return record
 
 
 def load_preferences(path):
-    """Reward-model data: generic {prompt, chosen, rejected[, scores]}, HH-RLHF dialogues, or TL;DR
-    comparisons, each line recognised by its keys."""
-    out = []
+    """Reward-model data: generic {prompt, chosen, rejected[, scores]}, K-wise rankings, HH-RLHF
+    dialogues, or TL;DR comparisons, each line recognised by its keys. Returns records
+    {"prompt", "answers" (best first)[, "scores"]}: a pair is a ranking of two."""
+    out, skipped = [], Skipped(path)
     for lineno, obj in read_jsonl(path):
         if "summaries" in obj:  # TL;DR comparisons
             info, summaries, choice = obj.get("info"), obj.get("summaries"), obj.get("choice")
-            if not isinstance(info, dict) or not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
+            if (not isinstance(info, dict) or not isinstance(summaries, list) or len(summaries) != 2
+                    or choice not in (0, 1) or isinstance(choice, bool)):
                 raise DataError(f"{path}:{lineno}: a TL;DR comparison needs 'info', two 'summaries' and 'choice' 0 or 1")
             _fields(path, lineno, info, ("subreddit", "title", "post"))
             for s in summaries:
                 if not isinstance(s, dict):
                     raise DataError(f"{path}:{lineno}: each summary must be an object with a 'text'")
                 _fields(path, lineno, s, ("text",))
-            prompt = tldr_prompt(info["subreddit"], info["title"], info["post"])
-            out.append({"prompt": prompt, "chosen": summaries[choice]["text"], "rejected": summaries[1 - choice]["text"]})
+            record = {"prompt": tldr_prompt(info["subreddit"], info["title"], info["post"]),
+                      "answers": [summaries[choice]["text"], summaries[1 - choice]["text"]]}
+        elif "answers" in obj:
+            record = _ranking(path, lineno, obj)
         elif "prompt" not in obj and "chosen" in obj:  # HH-RLHF
             _fields(path, lineno, obj, ("chosen", "rejected"))
-            prompt, chosen, rejected = split_dialogue(path, lineno, obj["chosen"], obj["rejected"])
-            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            split = split_dialogue(path, lineno, obj["chosen"], obj["rejected"], skipped)
+            if split is None:
+                continue
+            record = {"prompt": split[0], "answers": [split[1], split[2]]}
         else:
             _fields(path, lineno, obj, ("prompt", "chosen", "rejected"), ("chosen_score", "rejected_score"))
-            record = {k: obj[k] for k in ("prompt", "chosen", "rejected")}
-            if "chosen_score" in obj and "rejected_score" in obj:
-                record["chosen_score"] = float(obj["chosen_score"])
-                record["rejected_score"] = float(obj["rejected_score"])
+            record = {"prompt": obj["prompt"], "answers": [obj["chosen"], obj["rejected"]]}
+            if ("chosen_score" in obj) != ("rejected_score" in obj):
+                raise DataError(f"{path}:{lineno}: give both 'chosen_score' and 'rejected_score', or neither")
+            if "chosen_score" in obj:
+                record["scores"] = [float(obj["chosen_score"]), float(obj["rejected_score"])]
+        if skipped.usable(lineno, record["prompt"], *record["answers"]):
             out.append(record)
+    skipped.report()
+    if not out:
+        raise DataError(f"{path}: no usable comparisons (every line was skipped)")
+    return out
+
+
+def load_demonstrations(path):
+    """SFT data: {prompt, response} lines, TL;DR {subreddit, title, post, summary} lines, or preference
+    data (generic, rankings or HH-RLHF), whose best answer is taken as the demonstration, as is usual
+    for SFT on HH-RLHF."""
+    out, skipped = [], Skipped(path)
+    for lineno, obj in read_jsonl(path):
+        if "response" not in obj and ("chosen" in obj or "answers" in obj):
+            if "answers" in obj:
+                prompt, response = obj.get("prompt"), _ranking(path, lineno, obj)["answers"][0]
+            elif "prompt" in obj:
+                _fields(path, lineno, obj, ("prompt", "chosen", "rejected"))
+                prompt, response = obj["prompt"], obj["chosen"]
+            else:
+                _fields(path, lineno, obj, ("chosen", "rejected"))
+                split = split_dialogue(path, lineno, obj["chosen"], obj["rejected"], skipped)
+                if split is None:
+                    continue
+                prompt, response = split[0], split[1]
+        elif "summary" in obj and "post" in obj:
+            _fields(path, lineno, obj, ("subreddit", "title", "post", "summary"))
+            prompt, response = tldr_prompt(obj["subreddit"], obj["title"], obj["post"]), obj["summary"]
+        else:
+            _fields(path, lineno, obj, ("prompt", "response"))
+            prompt, response = obj["prompt"], obj["response"]
+        if skipped.usable(lineno, prompt, response):
+            out.append({"prompt": prompt, "response": response})
+    skipped.report()
+    if not out:
+        raise DataError(f"{path}: no usable demonstrations (every line was skipped)")
     return out
 
 
 def load_prompts(path):
     """Prompts for PPO from any of the formats above (only the prompt is kept), or {prompt} lines."""
-    out = []
+    out, skipped = [], Skipped(path)
     for lineno, obj in read_jsonl(path):
         if "prompt" in obj:
             _fields(path, lineno, obj, ("prompt",))
-            out.append(obj["prompt"])
+            prompt = obj["prompt"]
         elif "post" in obj:
             _fields(path, lineno, obj, ("subreddit", "title", "post"))
-            out.append(tldr_prompt(obj["subreddit"], obj["title"], obj["post"]))
+            prompt = tldr_prompt(obj["subreddit"], obj["title"], obj["post"])
+        elif "info" in obj and isinstance(obj["info"], dict):
+            _fields(path, lineno, obj["info"], ("subreddit", "title", "post"))
+            prompt = tldr_prompt(obj["info"]["subreddit"], obj["info"]["title"], obj["info"]["post"])
         elif "chosen" in obj:
             _fields(path, lineno, obj, ("chosen", "rejected"))
-            out.append(split_dialogue(path, lineno, obj["chosen"], obj["rejected"])[0])
+            split = split_dialogue(path, lineno, obj["chosen"], obj["rejected"], skipped)
+            if split is None:
+                continue
+            prompt = split[0]
         else:
             raise DataError(f"{path}:{lineno}: no 'prompt' (or TL;DR 'post', or HH 'chosen') field")
+        if skipped.usable(lineno, prompt):
+            out.append(prompt)
+    skipped.report()
+    if not out:
+        raise DataError(f"{path}: no usable prompts (every line was skipped)")
     return out
 
 
@@ -193,46 +350,58 @@ def load_prompts(path):
 
 @dataclass
 class Truncation:
-    """Explicit truncation rules, and a count of what they cut, reported by the scripts."""
+    """Explicit truncation rules, and a count of what they cut; every stage prints report()."""
 
     max_prompt_tokens: int
     max_answer_tokens: int
     prompts_cut: int = 0
     answers_cut: int = 0
-    seen: int = 0
+    prompts_seen: int = 0
+    answers_seen: int = 0
 
     def report(self):
-        return (f"truncation: {self.prompts_cut}/{self.seen} prompts cut to their last {self.max_prompt_tokens} tokens, "
-                f"{self.answers_cut}/{self.seen} answers cut to their first {self.max_answer_tokens} tokens")
+        return (f"truncation: {self.prompts_cut}/{self.prompts_seen} prompts cut to their last "
+                f"{self.max_prompt_tokens} tokens, {self.answers_cut}/{self.answers_seen} answers cut to their "
+                f"first {self.max_answer_tokens} tokens")
 
 
-def encode_prompt(tok, prompt, trunc):
-    ids = tok.encode_ordinary(prompt)
+def encode_prompt(tok, prompt, trunc, where="text"):
+    trunc.prompts_seen += 1
+    ids = tok.encode(prompt, where)
     if len(ids) > trunc.max_prompt_tokens:
         trunc.prompts_cut += 1
         ids = ids[-trunc.max_prompt_tokens :]  # keep the end: it is what the answer follows
     return ids
 
 
-def encode_example(tok, prompt, answer, trunc):
-    """(prompt ids, answer ids). The answer ends with EOS, the token that teaches the model to stop,
-    unless it was cut: a cut answer must not teach stopping mid-sentence."""
-    trunc.seen += 1
-    prompt_ids = encode_prompt(tok, prompt, trunc)
-    answer_ids = tok.encode_ordinary(answer)
-    if len(answer_ids) + 1 > trunc.max_answer_tokens:
+def encode_answer(tok, answer, trunc, where="text"):
+    """Answer ids ending with EOS, the token that teaches the model to stop, unless the answer was cut:
+    a cut answer must not teach stopping mid-sentence."""
+    trunc.answers_seen += 1
+    ids = tok.encode(answer, where)
+    if len(ids) + 1 > trunc.max_answer_tokens:
         trunc.answers_cut += 1
-        return prompt_ids, answer_ids[: trunc.max_answer_tokens]
-    return prompt_ids, answer_ids + [EOS_ID]
+        return ids[: trunc.max_answer_tokens]
+    return ids + [tok.eos_id]
+
+
+def encode_example(tok, prompt, answer, trunc, where="text"):
+    """(prompt ids, answer ids), truncated as above."""
+    return encode_prompt(tok, prompt, trunc, where), encode_answer(tok, answer, trunc, where)
+
+
+def answer_ids(tokens, answer_mask, eos_id):
+    """The generated ids of each row of generate()'s output (lists), without the EOS that ended it."""
+    return [[t for t, keep in zip(row, mask) if keep and t != eos_id]
+            for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
 
 
 def decode_answers(tok, tokens, answer_mask):
     """The generated part of each row as text, without the EOS that ended it."""
-    return [tok.decode([t for t, keep in zip(row, mask) if keep and t != EOS_ID])
-            for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+    return [tok.decode(ids) for ids in answer_ids(tokens, answer_mask, tok.eos_id)]
 
 
-def pad_batch(sequences, pad_id=EOS_ID, side="right", device="cpu"):
+def pad_batch(sequences, pad_id, side="right", device="cpu"):
     """A list of id lists -> (ids (B, T), attention_mask (B, T)), padded on the given side."""
     T = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
@@ -242,86 +411,3 @@ def pad_batch(sequences, pad_id=EOS_ID, side="right", device="cpu"):
         ids[b, cols] = torch.tensor(s, dtype=torch.long)
         mask[b, cols] = 1
     return ids.to(device), mask.to(device)
-
-
-# -----------------------------------------------------------------------------
-# Running a stage: flags with help text, device, metrics log, progress
-
-
-def flag(default, help):
-    """A config field with its help text beside it; `--help` shows it."""
-    return field(default=default, metadata={"help": help})
-
-
-def parse_args(config_class, argv=None):
-    """Command-line flags from a config dataclass: one --name per field, its help from flag(...)."""
-    parser = argparse.ArgumentParser(description=config_class.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(config_class):
-        kind = type(f.default)
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
-    return config_class(**vars(parser.parse_args(argv)))
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (the matmuls in bf16, the reductions and the weights in fp32); fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-class MetricsLog:
-    """Metrics appended as one JSON object per line: what the notebooks plot. On resume, the lines written
-    after the checkpoint's step are dropped so that the log reads as one uninterrupted run."""
-
-    def __init__(self, path, resume_step=None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-
-    def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class Progress:
-    """A one-line progress bar on a terminal (a plain line per update in a log file or notebook)."""
-
-    def __init__(self, name, total, start=0):
-        self.name, self.total, self.t0, self.start = name, total, time.time(), start
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step, **metrics):
-        done = step / max(self.total, 1)
-        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-        elapsed = time.time() - self.t0
-        eta = elapsed / max(step - self.start, 1) * (self.total - step)
-        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        line = f"[{self.name}] [{bar}] {step}/{self.total} | {text} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty:
-            print(file=sys.stderr)
-
-
-def run(main):
-    """Run a script's main; a LoadError (bad file, bad flag, wrong checkpoint) is one line, no traceback."""
-    try:
-        main()
-    except LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -42,10 +42,14 @@ class GPTConfig:
     dropout: float = 0.0  # 0 everywhere in RLHF: PPO must recompute the same log-probs it sampled with
     layer_norm_eps: float = 1e-5
     attn_impl: str = "auto"  # "triton" | "sdpa" | "naive" | "auto" (the fastest that runs on the device)
+    # Hugging Face GPT-2 config switches that change the maths; GPT-2's own values are the defaults
+    tie_word_embeddings: bool = True  # the LM head is the token embedding matrix (one matrix, two uses)
+    scale_attn_weights: bool = True  # scores divided by sqrt(hs)
+    scale_attn_by_inverse_layer_idx: bool = False  # scores also divided by layer + 1 (Mistral's GPT-2s)
 
 
-# GPT-2's published shapes; `tiny` trains from scratch on a 2-core CPU in minutes (~7M parameters,
-# most of them the 50257 x 128 embedding).
+# GPT-2's published shapes; `tiny` trains from scratch on the built-in task on a 2-core CPU in minutes
+# (~0.9M parameters with the task's compact vocabulary of ~1000 tokens, see data.py).
 PRESETS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -79,11 +83,13 @@ def attention_mask_allowed(Tq, Tk, kv_start, device):
     return allowed
 
 
-def attention_naive(q, k, v, kv_start=None):
-    """The readable reference: materialises the (Tq, Tk) score matrix per head, O(T^2) memory."""
+def attention_naive(q, k, v, kv_start=None, scale=None):
+    """The readable reference: materialises the (Tq, Tk) score matrix per head, O(T^2) memory.
+    scale multiplies the scores; None is GPT-2's 1 / sqrt(hs)."""
     Tq, Tk, hs = q.size(2), k.size(2), q.size(3)
     allowed = attention_mask_allowed(Tq, Tk, kv_start, q.device)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, Tq, Tk)
+    scale = 1.0 / math.sqrt(hs) if scale is None else scale
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
     # finfo.min instead of -inf: a left-pad query has no allowed key at all, and softmax over a row of
     # -inf is NaN (in the backward too); with finfo.min the row is finite and we zero it below.
     att = att.masked_fill(~allowed, torch.finfo(att.dtype).min)
@@ -91,56 +97,67 @@ def attention_naive(q, k, v, kv_start=None):
     return att @ v  # (B, nh, Tq, hs)
 
 
-def attention_sdpa(q, k, v, kv_start=None):
+def attention_sdpa(q, k, v, kv_start=None, scale=None):
     """PyTorch's fused attention. Without padding and with Tq == Tk, is_causal picks the flash backend;
     otherwise an explicit boolean mask (rows with no allowed key come out as zeros)."""
     if kv_start is None and q.size(2) == k.size(2):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     allowed = attention_mask_allowed(q.size(2), k.size(2), kv_start, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
-def triton_attention_available(device):
-    """The Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tests) and the kernel file."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import kernels.flash_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def attention_triton(q, k, v, kv_start=None):
+def attention_triton(q, k, v, kv_start=None, scale=None):
     from kernels.flash_attention import flash_attention
 
-    return flash_attention(q, k, v, causal=True, kv_start=kv_start)
+    return flash_attention(q, k, v, causal=True, kv_start=kv_start, sm_scale=scale)
 
 
 ATTENTION_IMPLS = {"naive": attention_naive, "sdpa": attention_sdpa, "triton": attention_triton}
+_said_sdpa_instead = False  # "auto" says once per process why it did not take the Triton kernel
 
 
-def resolve_attn_impl(attn_impl, device):
+def resolve_attn_impl(attn_impl, device, head_size):
+    """The attention implementation to run: attn_impl itself, or for "auto" the Triton kernel on CUDA
+    when it supports the head size, else SDPA. (The interpreter that runs Triton on a CPU is a
+    correctness tool, far too slow to be a default.)"""
+    global _said_sdpa_instead
+    if attn_impl == "auto" and device.type != "cuda":
+        return "sdpa"
+    from kernels.flash_attention import SUPPORTED_HEAD_DIMS
+
     if attn_impl == "auto":
-        # the interpreter is a correctness tool, far too slow to be a default
-        return "triton" if device.type == "cuda" and triton_attention_available(device) else "sdpa"
+        if head_size in SUPPORTED_HEAD_DIMS:
+            return "triton"
+        if not _said_sdpa_instead:
+            print(f"attention: the Triton kernel supports head sizes {SUPPORTED_HEAD_DIMS}, this model has "
+                  f"{head_size}; using PyTorch's SDPA instead")
+            _said_sdpa_instead = True
+        return "sdpa"
     if attn_impl not in ATTENTION_IMPLS:
         raise LoadError(f"attn_impl='{attn_impl}' is not one of auto, {', '.join(ATTENTION_IMPLS)}")
-    if attn_impl == "triton" and not triton_attention_available(device):
-        raise LoadError("attn_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1) and kernels/flash_attention.py")
+    if attn_impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LoadError("attn_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on a CPU)")
+    if attn_impl == "triton" and head_size not in SUPPORTED_HEAD_DIMS:
+        raise LoadError(f"attn_impl='triton' supports head sizes {SUPPORTED_HEAD_DIMS}, this model has "
+                        f"{head_size} (n_embd / n_head); use attn_impl sdpa")
     return attn_impl
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
+        if config.n_embd % config.n_head:
+            raise LoadError(f"n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_impl = config.attn_impl
+        hs = config.n_embd // config.n_head
+        self.scale = (1 / math.sqrt(hs) if config.scale_attn_weights else 1.0)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer + 1
 
     def forward(self, x, kv_start=None, kv_cache=None, layer=0):
         B, T, C = x.size()
@@ -152,7 +169,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             # the new keys join the cached ones; the queries stay the T new positions
             k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
-        y = ATTENTION_IMPLS[resolve_attn_impl(self.attn_impl, x.device)](q, k, v, kv_start)  # (B, nh, T, hs)
+        impl = ATTENTION_IMPLS[resolve_attn_impl(self.attn_impl, x.device, hs)]
+        y = impl(q, k, v, kv_start, self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -172,10 +190,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
@@ -217,49 +235,35 @@ def position_ids_from_mask(attention_mask):
 # The GPT
 
 
-class GPT(nn.Module):
+def init_weights(module, n_layer):
+    """GPT-2's initialisation: N(0, 0.02) for every matrix and embedding, zero biases, and the residual
+    projections (c_proj) scaled by 1/sqrt(2 * n_layer) so that the residual stream's variance does not
+    grow with depth (two residual adds per block)."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj") else 0.02
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class Transformer(nn.Module):
+    """The GPT without a head: token ids -> final hidden states (B, T, C). Each model of RLHF is this
+    trunk with a head on top: the LM head (policy, reference), the reward head, the value head."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
-            )
-        )
-        # the language-model head; tied to the input embedding as in GPT-2 (one matrix, two uses)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
-                # variance does not grow with depth (two residual adds per block)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        init_weights(self, config.n_layer)
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-    def set_attn_impl(self, attn_impl):
-        self.config.attn_impl = attn_impl
-        for block in self.transformer.h:
-            block.attn.attn_impl = attn_impl
-
-    def hidden_states(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
-        """The final hidden states (after ln_f), (B, T, C): what the LM head, the reward head and the
-        value head all read. attention_mask (B, T_total) marks real tokens (1) and padding (0), where
-        T_total counts the cached positions too; padding may be on the left (generation) or the right."""
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
+        """attention_mask (B, T_total) marks real tokens (1) and padding (0), where T_total counts the
+        cached positions too; padding may be on the left (generation) or the right."""
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -272,31 +276,57 @@ class GPT(nn.Module):
                 kv_start = kv_start_from_mask(attention_mask)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, C)
-        x = self.transformer.drop(x)
-        for layer, block in enumerate(self.transformer.h):
+        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+        for layer, block in enumerate(self.h):
             x = block(x, kv_start, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.transformer.ln_f(x)  # (B, T, C)
+        return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, return_hidden=False):
-        """Logits (B, T, V) at every position; with return_hidden=True, (logits, hidden (B, T, C)).
-        A caller that needs only a few positions, or log-probs without the full logits, should call
-        hidden_states and apply lm_head (or the fused log-prob kernel) itself."""
+
+class GPT(nn.Module):
+    """The language model: the transformer and the LM head that turns a hidden state into logits."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # as in GPT-2: the output layer is the input embedding
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            init_weights(self.lm_head, config.n_layer)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
+        """The final hidden states (after ln_f), (B, T, C): what the LM head reads."""
+        return self.transformer(idx, attention_mask, position_ids, kv_cache)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
+        """Logits (B, T, V) at every position. A caller that needs only a few positions, or log-probs
+        without the full logits, calls hidden_states and applies lm_head (or the fused log-prob kernel)
+        itself."""
         hidden = self.hidden_states(idx, attention_mask, position_ids, kv_cache)
-        logits = self.lm_head(hidden)  # (B, T, V)
-        return (logits, hidden) if return_hidden else logits
+        return self.lm_head(hidden)  # (B, T, V)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None, top_p=None, seed=None):
         """Sample answers for a batch of prompts (lists of token ids, any lengths) with a KV cache.
 
         Prompts are left-padded so that every row's next token is at the same column. Each row stops at
-        its own EOS; after it, the row is filled with EOS and masked out. temperature=0 is greedy.
+        its own EOS; after it, the row is filled with EOS and masked out. temperature=0 is greedy (the
+        most likely token every time); top_k and top_p as in sample_next_token.
         Returns (tokens, attention_mask, answer_mask), each (B, Tp + n): answer_mask is 1 exactly on the
         generated tokens, the EOS that ended a row included (it was an action too); attention_mask is 1
         on the prompt and the answer, so the last 1 of a row is its last real token."""
+        check_sampling(temperature, top_k, top_p)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token (an empty prompt has no state to "
+                             "continue from)")
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
         device = self.transformer.wte.weight.device
         B, Tp = len(prompts), max(len(p) for p in prompts)
         if Tp + max_new_tokens > self.config.block_size:
@@ -331,12 +361,26 @@ class GPT(nn.Module):
         return tokens[:, :n], attention_mask[:, :n], answer_mask[:, :n]
 
 
+def check_sampling(temperature, top_k=None, top_p=None):
+    """ValueError for settings that cannot sample: what the scripts check their flags with, too."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a whole number >= 1 (or None: no cut), got {top_k}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None: no cut), got {top_p}")
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V): temperature, then keep the top_k most likely tokens and/or
     the smallest set whose probability reaches top_p (nucleus), then sample. temperature=0: argmax."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Subtract the row max before dividing: every logit becomes <= 0, so even a temperature of 1e-45
+    # gives -inf or 0, never inf - inf = nan; a tiny temperature then samples the argmax, as its limit does.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -354,6 +398,18 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)  # (B,)
 
 
+@torch.no_grad()
+def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, seed=0, batch_size=64):
+    """Answers for a list of prompts (token ids), batch_size prompts per generate() call: a list of
+    token-id lists, each with the EOS that ended it (an answer cut at max_new_tokens has none)."""
+    answers = []
+    for start in range(0, len(prompt_ids), batch_size):
+        tokens, _, answer_mask = model.generate(prompt_ids[start : start + batch_size], max_new_tokens, eos_id,
+                                                temperature=temperature, seed=seed + start)
+        answers += [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+    return answers
+
+
 # -----------------------------------------------------------------------------
 # The two scalar heads of RLHF
 
@@ -362,13 +418,13 @@ class ScalarHead(nn.Module):
     """One linear map from a hidden state (C) to a number: the reward head (stage 3) and the value head
     (stage 4) are both this, each under its own name."""
 
-    def __init__(self, n_embd, std=0.0):
+    def __init__(self, n_embd):
         super().__init__()
         self.proj = nn.Linear(n_embd, 1)
-        # std=0 by default: the head starts at exactly 0 for every input, so the first Bradley-Terry
+        # Zero-initialised: the head starts at exactly 0 for every input, so the first Bradley-Terry
         # loss is log 2 (no pair preferred) and the first value estimate is 0 (no expected return yet);
         # the gradient of a zero-initialised final layer is still non-zero, since it is the hidden state.
-        nn.init.normal_(self.proj.weight, std=std) if std > 0 else nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden):
@@ -389,12 +445,12 @@ class RewardModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = GPT(config)  # its lm_head is never used here
+        self.transformer = Transformer(config)
         self.reward_head = ScalarHead(config.n_embd)
         self.register_buffer("offset", torch.zeros(()))
 
     def forward(self, idx, attention_mask):
-        hidden = self.transformer.hidden_states(idx, attention_mask)  # (B, T, C)
+        hidden = self.transformer(idx, attention_mask)  # (B, T, C)
         last = last_token_index(attention_mask)  # (B,)
         h_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
         return self.reward_head(h_last) - self.offset  # (B,)
@@ -413,7 +469,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, idx, attention_mask):
         """(hidden (B, T, C), values (B, T)): the caller turns hidden into log-probs with lm_head or the
         fused kernel, so the full (B, T, V) logits need not exist."""
-        hidden = self.policy.hidden_states(idx, attention_mask)  # (B, T, C)
+        hidden = self.policy.transformer(idx, attention_mask)  # (B, T, C)
         return hidden, self.value_head(hidden)  # (B, T, C), (B, T)
 
 
@@ -431,27 +487,67 @@ def read_safetensors(path):
     """The safetensors format: 8 bytes (little-endian u64) = N, then N bytes of JSON describing each
     tensor (dtype, shape, byte range), then the raw bytes of all tensors."""
     path = Path(path)
+    broken = f"{path}: not a complete safetensors file"
     with open(path, "rb") as f:
-        try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            data = bytearray(f.read())
-        except (struct.error, ValueError) as e:
-            raise LoadError(f"{path}: not a valid safetensors file ({e}); re-save the weights") from None
+        raw = f.read()
+    try:
+        (n,) = struct.unpack("<Q", raw[:8])
+        if 8 + n > len(raw):
+            raise ValueError(f"header of {n} bytes, file of {len(raw)}")
+        header = json.loads(raw[8 : 8 + n])
+    except (struct.error, ValueError) as e:
+        raise LoadError(f"{broken} ({e}); download or save it again") from None
+    data = bytearray(raw[8 + n :])
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        try:
+            begin, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise LoadError(f"{broken}: tensor '{name}' has an unreadable entry {info}") from None
+        count = math.prod(shape)
+        if end > len(data) or end - begin != count * torch.empty((), dtype=dtype).element_size():
+            raise LoadError(f"{broken}: tensor '{name}' needs bytes {begin}..{end}, the file holds {len(data)} "
+                            "(cut short?); download or save it again")
         t = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(info["shape"]).clone()
+        tensors[name] = t.reshape(shape).clone()
     return tensors
 
 
 # Hugging Face's GPT-2 stores these as Conv1D, whose weight is (in, out): transpose into nn.Linear's (out, in)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_config(folder, attn_impl="auto"):
+    """Our GPTConfig from a Hugging Face GPT-2 config.json; every field that changes the maths is read,
+    and one we do not implement is refused by name rather than silently ignored."""
+    path = Path(folder) / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: not valid JSON ({e}); restore the Hugging Face config.json") from None
+    if not isinstance(hf, dict):
+        raise LoadError(f"{path}: expected a JSON object")
+    if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise LoadError(f"{path}: not a GPT-2 config (model_type={hf.get('model_type')}, "
+                        f"activation_function={hf.get('activation_function')})")
+    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if isinstance(hf.get(key), bool) or not isinstance(hf.get(key), int) or hf[key] <= 0:
+            raise LoadError(f"{path}: field '{key}' is missing or not a positive integer ({hf.get(key)!r})")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise LoadError(f"{path}: n_inner={hf['n_inner']} is not supported (the MLP here is 4 * n_embd wide)")
+    if hf.get("add_cross_attention"):
+        raise LoadError(f"{path}: add_cross_attention is not supported (a decoder-only GPT-2 is expected)")
+    # reorder_and_upcast_attn only changes the precision of the scores (fp32 on the GPU); accepted.
+    return GPTConfig(
+        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+        n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), attn_impl=attn_impl,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True), scale_attn_weights=hf.get("scale_attn_weights", True),
+        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
+    )
 
 
 def load_gpt2_weights(folder, attn_impl="auto"):
@@ -462,17 +558,17 @@ def load_gpt2_weights(folder, attn_impl="auto"):
         raise LoadError(f"{folder}: no such folder; --weights must point at {expected}")
     if not (folder / "config.json").is_file():
         raise LoadError(f"{folder}: config.json is missing; expected {expected}")
-    hf = json.loads((folder / "config.json").read_text())
-    if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise LoadError(f"{folder}/config.json: not a GPT-2 config (model_type={hf.get('model_type')})")
-    config = GPTConfig(
-        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-        n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), attn_impl=attn_impl,
-    )
+    config = gpt2_config(folder, attn_impl)
     if (folder / "model.safetensors").is_file():
         state = read_safetensors(folder / "model.safetensors")
     elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # a file cut short, or not a state dict; torch's own message is long
+            raise LoadError(f"{folder}/pytorch_model.bin: cannot be read ({type(e).__name__}); was it fully "
+                            "downloaded?") from None
+        if not isinstance(state, dict):
+            raise LoadError(f"{folder}/pytorch_model.bin: not a state dict of tensors")
     else:
         raise LoadError(f"{folder}: no model.safetensors or pytorch_model.bin; expected {expected}")
 
@@ -490,8 +586,9 @@ def load_gpt2_weights(folder, attn_impl="auto"):
         if tensor.shape != ours[key].shape:
             raise LoadError(f"{folder}: '{name}' has shape {tuple(tensor.shape)}, config.json implies {tuple(ours[key].shape)}")
         loaded[key] = tensor
-    loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))  # tied; often not stored
-    missing = [k for k in ours if k not in loaded]
+    if config.tie_word_embeddings:
+        loaded["lm_head.weight"] = loaded.get("transformer.wte.weight")  # one matrix, often stored once
+    missing = [k for k in ours if loaded.get(k) is None]
     if missing:
         raise LoadError(f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]})")
     model.load_state_dict(loaded)
@@ -501,17 +598,17 @@ def load_gpt2_weights(folder, attn_impl="auto"):
 # -----------------------------------------------------------------------------
 # Checkpoints: one format for every stage
 
-CHECKPOINT_FORMAT = "rlhf-course-checkpoint/1"
-STAGES = ("base", "sft", "reward", "ppo")
-STAGE_MODELS = {"base": GPT, "sft": GPT, "reward": RewardModel, "ppo": PolicyWithValue}
-STAGE_SCRIPTS = {"base": "train_sft.py --init", "sft": "train_sft.py", "reward": "train_reward.py", "ppo": "train_ppo.py"}
+CHECKPOINT_FORMAT = "rlhf-course-checkpoint/2"  # /2: the tokenizer's table is saved, RewardModel.transformer
+STAGE_MODELS = {"sft": GPT, "reward": RewardModel, "ppo": PolicyWithValue}
+STAGE_SCRIPTS = {"sft": "train_sft.py", "reward": "train_reward.py", "ppo": "train_ppo.py"}
 
 
-def save_checkpoint(path, model, stage, step, train_args, optimizer=None, extra=None, tokenizer="gpt2"):
-    """Everything needed to use or resume a stage: config, weights, which stage wrote it, the tokenizer,
-    the training arguments, the step, the optimizer state, and stage-specific extras. Written to a
-    temporary file and renamed, so a run stopped mid-save never leaves a half-written checkpoint."""
-    assert stage in STAGES
+def save_checkpoint(path, model, stage, step, train_args, tokenizer, optimizer=None, extra=None):
+    """Everything needed to use or resume a stage: config, weights, which stage wrote it, the tokenizer
+    (data.Tokenizer.state(): its compact table, if any), the training arguments, the step, the optimizer
+    state, and stage-specific extras. Written to a temporary file and renamed, so a run stopped mid-save
+    never leaves a half-written checkpoint (and a leftover temporary file is overwritten next time)."""
+    assert stage in STAGE_MODELS
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
@@ -526,8 +623,11 @@ def save_checkpoint(path, model, stage, step, train_args, optimizer=None, extra=
         "extra": extra or {},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there if the save failed
 
 
 def load_checkpoint(path, stages, map_location="cpu"):
@@ -535,16 +635,20 @@ def load_checkpoint(path, stages, map_location="cpu"):
     path = Path(path)
     stages = (stages,) if isinstance(stages, str) else tuple(stages)
     if not path.is_file():
-        hint = " or ".join(STAGE_SCRIPTS[s].split()[0] for s in stages)
+        hint = " or ".join(dict.fromkeys(STAGE_SCRIPTS[s] for s in stages))
         raise LoadError(f"{path}: no such checkpoint; train one with {hint}, or fix the path")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file; torch's own message is long
         raise LoadError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); was it fully written?") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise LoadError(f"{path}: not a checkpoint of this repository (for Hugging Face GPT-2 weights use --init gpt2 --weights DIR)")
+    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("rlhf-course-checkpoint/"):
+        raise LoadError(f"{path}: not a checkpoint of this repository (for Hugging Face GPT-2 weights use "
+                        "--init gpt2 --weights DIR)")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise LoadError(f"{path}: written by another version of this repository ({ckpt['format']}, this one reads "
+                        f"{CHECKPOINT_FORMAT}); train it again")
     if ckpt["stage"] not in stages:
-        want = " or ".join(f"'{s}' (from {STAGE_SCRIPTS[s].split()[0]})" for s in stages)
+        want = " or ".join(f"'{s}' (from {STAGE_SCRIPTS[s]})" for s in stages)
         raise LoadError(f"{path} is a '{ckpt['stage']}' checkpoint, but a {want} checkpoint is needed here")
     return ckpt
 
@@ -561,7 +665,7 @@ def model_from_checkpoint(ckpt, attn_impl=None):
 
 
 def policy_from_checkpoint(ckpt, attn_impl=None):
-    """The language model inside a base, sft or ppo checkpoint: what samples answers, and what the next
+    """The language model inside an sft or ppo checkpoint: what samples answers, and what the next
     RLHF round (or the reward model) starts from."""
     model = model_from_checkpoint(ckpt, attn_impl)
     return model.policy if isinstance(model, PolicyWithValue) else model

@@ -216,11 +216,6 @@ def parse_prompt(prompt):
     return spec
 
 
-def prompt_kind(prompt):
-    """'mood', 'colour', 'sound' or 'sum': for per-kind metrics."""
-    return parse_prompt(prompt).kind
-
-
 # -----------------------------------------------------------------------------------------------------
 # The gold judge: the stand-in for the human labeller.
 
@@ -453,6 +448,25 @@ def sample_answer(prompt, rng):
     return " " + text
 
 
+def vocabulary_texts():
+    """Every piece of text this task can produce, for a compact token vocabulary (data.task_tokenizer):
+    every prompt whole, and every word and number an answer can hold, in each form GPT-2's tokenizer
+    can see it (after a space or not, lower case or capitalised), and the punctuation the demonstrator
+    writes. GPT-2 splits text into words, numbers and punctuation runs before it merges bytes, so the
+    tokens of any answer the task can write are among the tokens of these texts."""
+    fragments = [*MOOD_REQUESTS, *COLOUR_REQUESTS, *SOUND_REQUESTS, *SUM_REQUESTS, *MOOD_NO_TOPIC, *MOOD_BLAND,
+                 *COLOUR_TEMPLATES, *COLOUR_NO_TOPIC, *COLOUR_BLAND, *SOUND_TEMPLATES, *SOUND_NO_TOPIC,
+                 *SOUND_BLAND, *SUM_TEMPLATES, *SUM_NO_TOPIC, *SUM_BLAND, *RAMBLES, *FUNCTION_WORDS,
+                 *TOPICS, *MOODS, *COLOURS, *COLOUR_OF, *SOUND_OF, *SOUND_OF.values(), "an"]
+    fragments += [t for templates in MOOD_TEMPLATES.values() for t in templates]
+    fragments += [w for words in MOOD_WORDS.values() for w in words]
+    words = {w.lower() for text in fragments for w in re.findall(r"[A-Za-z]+", re.sub(r"{\w+}", " ", text))}
+    words |= {str(n) for n in range(19)}   # operands 0..9, sums and wrong sums 0..18
+    forms = {form for w in words for form in (w, " " + w, w.capitalize(), " " + w.capitalize())}
+    punctuation = {".", "..", "!", ",", "?", ":"}
+    return sorted(format_prompt(request) for request in SPECS) + sorted(forms | punctuation)
+
+
 # -----------------------------------------------------------------------------------------------------
 # Datasets: prompts, demonstrations, simulated labellers.
 
@@ -485,7 +499,7 @@ def _sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def _noisy_ranking(scores, noise, rng):
+def noisy_ranking(scores, noise, rng):
     """Indices of `scores` ranked best-first by a noisy labeller (Plackett-Luce, temperature `noise`).
 
     Each place goes to one of the remaining answers with probability softmax(score / noise); with two
@@ -507,7 +521,7 @@ def preferences(n, split="train", seed=0, k=2, noise=1.0):
     """n comparisons by a simulated, noisy labeller, for reward-model training.
 
     For each prompt of make_prompts(n, split, seed), k distinct answers are drawn with sample_answer
-    (a duplicate is redrawn), scored with gold_score, and ranked by _noisy_ranking: Plackett-Luce with
+    (a duplicate is redrawn), scored with gold_score, and ranked by noisy_ranking: Plackett-Luce with
     temperature `noise`, which for k = 2 is Bradley-Terry, P(a preferred over b) = sigmoid((g_a - g_b)
     / noise). noise = 0 always prefers the higher gold score; larger noise flips more close calls, as
     tired human labellers do. Returns
@@ -533,7 +547,7 @@ def preferences(n, split="train", seed=0, k=2, noise=1.0):
         if len(answers) < k:
             raise RuntimeError(f"could not draw {k} distinct answers to {prompt!r}")
         scores = [gold_score(prompt, a) for a in answers]
-        order = _noisy_ranking(scores, noise, rng)
+        order = noisy_ranking(scores, noise, rng)
         if k == 2:
             best, worst = order
             rows.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst],

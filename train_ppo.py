@@ -28,7 +28,7 @@ reward scaling, value clipping, PPO epochs over mini-batches, gradient clipping,
 coefficient, and log-probs recomputed with the very numerics of training.
 
     python train_ppo.py                                  # built-in task, from out/sft and out/reward, CPU
-    python train_ppo.py --kl_coef 0 --iterations 150 --out_dir out/ppo_nokl     # reward hacking, made visible
+    python train_ppo.py --kl_coef 0 --out_dir out/ppo_nokl      # reward hacking, made visible
 """
 
 import copy
@@ -38,13 +38,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 import task
-from data import (
-    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, decode_answers, encode_prompt, flag, get_tokenizer,
-    load_prompts, parse_args, pick_device, run,
+from data import DataError, Tokenizer, Truncation, decode_answers, encode_prompt, load_prompts
+from kernels.logprob import IMPLS as LOGPROB_IMPLS
+from kernels.logprob import linear_logprobs, token_kl
+from model import (
+    PolicyWithValue, check_sampling, last_token_index, load_checkpoint, model_from_checkpoint, policy_from_checkpoint,
+    save_checkpoint,
 )
-from kernels.logprob import linear_logprobs
-from model import PolicyWithValue, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
-from train_sft import batch_indices
+from training import MetricsLog, Progress, autocast, batch_indices, check, check_out_dir, check_positive, flag, parse_args, pick_device, run
 
 
 @dataclass
@@ -55,10 +56,11 @@ class Config:
     sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the initial policy and the frozen reference")
     reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it)")
     data: str = flag("default", "'default' for the built-in task's prompts, or a JSONL with prompts (any of the data formats)")
+    n_prompts: int = flag(4000, "built-in task: training prompts drawn (with repeats) from its train split")
     iterations: int = flag(40, "PPO iterations: each one a rollout, then ppo_epochs of updates on it")
     prompts_per_iter: int = flag(32, "prompts per rollout")
     samples_per_prompt: int = flag(2, "answers sampled per prompt (more comparisons of the same prompt per rollout)")
-    max_prompt_tokens: int = flag(64, "prompts longer than this keep their last tokens")
+    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
     max_new_tokens: int = flag(24, "longest answer; an answer cut here has no EOS and pays eos_penalty")
     temperature: float = flag(1.0, "sampling temperature; the log-probs use the same one (the policy is softmax(z / T))")
     kl_coef: float = flag(0.1, "weight of the per-token KL penalty against the reference (the initial value if adaptive_kl)")
@@ -78,7 +80,8 @@ class Config:
     lr: float = flag(1e-4, "learning rate of policy and value head (constant)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     eval_interval: int = flag(5, "evaluate on held-out prompts and checkpoint every this many iterations")
-    eval_prompts: int = flag(128, "held-out prompts for the eval (gold score on the built-in task)")
+    eval_prompts: int = flag(256, "held-out prompts for the eval (gold score on the built-in task), sampled with a "
+                             "fixed seed so that every eval of a run (and of runs with the same --seed) sees the same draws")
     sample_interval: int = flag(10, "write a few (prompt, answer, reward, gold) samples every this many iterations")
     logprob_impl: str = flag("auto", "per-token log-probs: 'auto' (Triton on CUDA), 'triton' or 'torch' (reference)")
     seed: int = flag(1337, "seed for prompt order and sampling")
@@ -87,26 +90,61 @@ class Config:
     resume: bool = flag(False, "continue from out_dir/ckpt.pt at the iteration it saved")
 
 
+def check_config(cfg):
+    """Every flag checked before any work starts (a bad one must not crash after the first evaluation)."""
+    check_positive(cfg, "n_prompts", "iterations", "prompts_per_iter", "samples_per_prompt", "max_new_tokens",
+                   "ppo_epochs", "minibatch_size", "lr", "eval_interval", "eval_prompts", "sample_interval",
+                   "kl_horizon", "target_kl")
+    check(cfg.temperature > 0, f"--temperature must be > 0: PPO's log-probs are those of softmax(z / T), got {cfg.temperature}")
+    check_sampling(cfg.temperature)
+    check(cfg.kl_coef >= 0 and cfg.eos_penalty >= 0 and cfg.vf_coef >= 0 and cfg.grad_clip >= 0,
+          "--kl_coef, --eos_penalty, --vf_coef and --grad_clip must be >= 0")
+    check(0 < cfg.clip_eps < 1 and cfg.clip_value > 0, "--clip_eps must be in (0, 1) and --clip_value > 0")
+    check(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1, "--gamma and --lam must be in [0, 1]")
+    check(cfg.max_prompt_tokens >= 0, "--max_prompt_tokens must be >= 0")
+    check(cfg.minibatch_size <= cfg.prompts_per_iter * cfg.samples_per_prompt,
+          f"--minibatch_size {cfg.minibatch_size} is larger than a rollout "
+          f"({cfg.prompts_per_iter} prompts x {cfg.samples_per_prompt} samples)")
+    check(cfg.logprob_impl in LOGPROB_IMPLS, f"--logprob_impl {cfg.logprob_impl!r}: use one of {', '.join(LOGPROB_IMPLS)}")
+    check(cfg.attn_impl in ("auto", "triton", "sdpa", "naive"), f"--attn_impl {cfg.attn_impl!r}: use auto, triton, sdpa or naive")
+    check_out_dir(cfg.out_dir)
+
+
 # -----------------------------------------------------------------------------
 # The pieces worth testing
 
 
-def policy_forward(model, tokens, attention_mask, action_mask, cfg):
-    """log pi(a_t | s_t), the entropy of pi(. | s_t) and the value V(s_t) at each action column t, each
-    (B, T) with zeros outside the answer. Rollout and update both call this, on the same rows and
-    padding, so the log-probs are recomputed with the very numerics of training.
+def at_actions(x, action_mask):
+    """x read at the state before each action: column t gets x[:, t-1] where column t holds an action,
+    else 0. hidden[:, t] is the state after token t, which chooses token t+1."""
+    out = torch.zeros_like(x)
+    out[:, 1:] = x[:, :-1]
+    return out * action_mask
 
-    hidden[:, t] is the state after token t, which chooses token t+1: the action at column t is read
-    from column t-1. Only those states go through the LM head: the one place where the fused log-prob
-    kernel (or its PyTorch reference) is chosen, and the (B, T, V) logits never exist."""
+
+def action_logprobs(gpt, hidden, tokens, action_mask, temperature, impl):
+    """log pi(a_t | s_t) and the entropy of pi(. | s_t) at every action column t, each (B, T) fp32 with
+    zeros elsewhere, for any GPT (the policy or the reference) from its hidden states (B, T, C).
+
+    Only the N action states go through the LM head, and through the fused log-prob kernel (or its
+    PyTorch reference) when impl asks: the (B, T, V) logits never exist."""
+    acts = action_mask[:, 1:].bool()  # (B, T-1): column t+1 holds an action taken in state t
+    logp_acts, entropy_acts = linear_logprobs(hidden[:, :-1][acts], gpt.lm_head.weight, tokens[:, 1:][acts],
+                                              temperature, impl=impl)  # (N,), (N,)
+    logp = torch.zeros(tokens.shape, device=tokens.device)  # (B, T)
+    entropy = torch.zeros(tokens.shape, device=tokens.device)  # (B, T)
+    logp[:, 1:][acts] = logp_acts
+    entropy[:, 1:][acts] = entropy_acts
+    return logp, entropy
+
+
+def policy_forward(model, tokens, attention_mask, action_mask, cfg):
+    """(logp, entropy, values), each (B, T), zeros outside the answer: what a rollout records and every
+    PPO update recomputes, with the same code and numerics."""
     with autocast(tokens.device):
         hidden, values = model(tokens, attention_mask)  # (B, T, C), (B, T)
-    acts = action_mask[:, 1:].bool()  # (B, T-1): column t+1 holds an action taken in state t
-    logp, entropy = linear_logprobs(hidden[:, :-1][acts], model.policy.lm_head.weight, tokens[:, 1:][acts],
-                                    cfg.temperature, impl=cfg.logprob_impl)  # (N,), (N,)
-    out = torch.zeros(3, *tokens.shape, device=tokens.device)  # (3, B, T)
-    out[0, :, 1:][acts], out[1, :, 1:][acts], out[2, :, 1:][acts] = logp, entropy, values[:, :-1][acts].float()
-    return out[0], out[1], out[2]
+    logp, entropy = action_logprobs(model.policy, hidden, tokens, action_mask, cfg.temperature, cfg.logprob_impl)
+    return logp, entropy, at_actions(values.float(), action_mask)
 
 
 def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
@@ -116,8 +154,7 @@ def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
     the policy is the KL. It lands only where the policy acted (not on the prompt, not on padding)."""
     kl = (logp - logp_ref) * action_mask  # (B, T)
     rewards = -kl_coef * kl
-    last = action_mask.size(1) - 1 - action_mask.flip(dims=[1]).argmax(dim=1)  # (B,) the last action
-    rewards[torch.arange(len(score)), last] += score
+    rewards[torch.arange(len(score)), last_token_index(action_mask)] += score
     return rewards, kl
 
 
@@ -158,7 +195,9 @@ def ppo_policy_loss(logp, logp_old, advantages, action_mask, clip_eps):
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     loss = masked_mean(torch.max(unclipped, clipped), action_mask)
-    clip_frac = masked_mean((clipped > unclipped).float(), action_mask)
+    # the fraction of tokens whose ratio left [1 - clip_eps, 1 + clip_eps], as CleanRL and the PPO paper
+    # log it: how far one rollout's updates move the policy (on about half of them the clip binds)
+    clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), action_mask)
     # approx KL(old || new) with the low-variance estimator (ratio - 1) - log ratio (Schulman, "Approximating
     # KL divergence", 2020): always >= 0, and the health metric CleanRL logs
     approx_kl = masked_mean((ratio - 1) - (logp - logp_old), action_mask)
@@ -176,8 +215,9 @@ def ppo_value_loss(values, values_old, returns, action_mask, clip_value):
 
 
 class AdaptiveKLController:
-    """Ziegler et al. 2019, section 2.2: raise kl_coef when the KL is above target, lower it when below,
-    by at most 20% of the error, averaged over `horizon` answers."""
+    """Ziegler et al. 2019, section 2.2: kl_coef *= 1 + e * n / horizon, with the proportional error
+    e = KL / target - 1 clipped to [-0.2, 0.2]: raised when the KL is above target, lowered when below,
+    by at most 20% per `horizon` answers."""
 
     def __init__(self, kl_coef, target, horizon):
         self.value, self.target, self.horizon = kl_coef, target, horizon
@@ -212,37 +252,53 @@ def explained_variance(values, returns, mask):
 
 
 @torch.no_grad()
+def exact_kl(policy, ref, hidden, hidden_ref, action_mask, temperature, impl, chunk=1024):
+    """KL(pi(. | s_t) || pi_ref(. | s_t)) summed over the whole vocabulary at each action state, (B, T).
+
+    The penalty uses logp - logp_ref at the sampled token, an unbiased but noisy estimate of this; the
+    exact value, logged beside it, shows how noisy (it needs the full logits, so only for the metric)."""
+    acts = action_mask[:, 1:].bool()
+    h, h_ref = hidden[:, :-1][acts], hidden_ref[:, :-1][acts]  # (N, C) each
+    kl = [token_kl(h[i : i + chunk] @ policy.lm_head.weight.T, h_ref[i : i + chunk] @ ref.lm_head.weight.T,
+                   temperature, impl=impl) for i in range(0, len(h), chunk)]  # (Nc, V) logits per chunk
+    out = torch.zeros(action_mask.shape, device=action_mask.device)
+    out[:, 1:][acts] = torch.cat(kl)
+    return out
+
+
+@torch.no_grad()
 def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg):
-    """logp, values, entropy, logp_ref and the scores of a rollout, in mini-batches of the same rows
-    and padding that the PPO updates will use, so that the first update's ratio is exactly 1 up to
-    float rounding."""
-    out = {"logp": [], "entropy": [], "values": [], "logp_ref": [], "score": []}
+    """logp, entropy and values of the policy, logp_ref of the reference, the exact KL, and the reward
+    model's scores of a rollout, in mini-batches of minibatch_size rows. The updates recompute logp with
+    the same function on rows of the same width, so the first update's ratio is 1 up to float rounding
+    (the updates shuffle the rows, which changes only the order of floating-point sums)."""
+    out = {"logp": [], "entropy": [], "values": [], "logp_ref": [], "kl_exact": [], "score": []}
     for rows in torch.arange(len(tokens), device=tokens.device).split(cfg.minibatch_size):
-        tok, att, act = tokens[rows], attention_mask[rows], answer_mask[rows]
-        logp, entropy, values = policy_forward(model, tok, att, act, cfg)
+        tok, att, act = tokens[rows], attention_mask[rows], answer_mask[rows].float()
         with autocast(tokens.device):
-            hidden_ref = ref.hidden_states(tok, att)
+            hidden, values = model(tok, att)  # (B, T, C), (B, T)
+            hidden_ref = ref.hidden_states(tok, att)  # (B, T, C)
             score = reward_model(tok, att).float()  # read at the last real token: the answer's EOS
-        acts = act[:, 1:].bool()
-        logp_ref = torch.zeros_like(logp)
-        logp_ref[:, 1:][acts] = linear_logprobs(hidden_ref[:, :-1][acts], ref.lm_head.weight, tok[:, 1:][acts],
-                                                cfg.temperature, impl=cfg.logprob_impl)[0]
-        for key, value in zip(out, (logp, entropy, values, logp_ref, score)):
+        logp, entropy = action_logprobs(model.policy, hidden, tok, act, cfg.temperature, cfg.logprob_impl)
+        logp_ref, _ = action_logprobs(ref, hidden_ref, tok, act, cfg.temperature, cfg.logprob_impl)
+        kl_exact = exact_kl(model.policy, ref, hidden.float(), hidden_ref.float(), act, cfg.temperature, cfg.logprob_impl)
+        for key, value in zip(out, (logp, entropy, at_actions(values.float(), act), logp_ref, kl_exact, score)):
             out[key].append(value)
     return {key: torch.cat(value) for key, value in out.items()}
 
 
 @torch.no_grad()
-def sample_and_score(model, reward_model, tok, prompts, cfg, device, seed):
-    """Answers sampled from the policy for a list of prompts, with their reward-model scores and (on the
-    built-in task) their gold scores. Used for the held-out eval and the logged samples."""
-    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
-    prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
-    tokens, attention_mask, answer_mask = model.policy.generate(prompt_ids, cfg.max_new_tokens, EOS_ID, cfg.temperature, seed=seed)
-    answers = decode_answers(tok, tokens, answer_mask)
-    with autocast(device):
-        scores = reward_model(tokens, attention_mask).float().tolist()
-    gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else [float("nan")] * len(prompts)
+def sample_and_score(model, reward_model, tok, prompts, prompt_ids, cfg, device, seed):
+    """Answers sampled from the policy for a list of prompts (text and token ids), with their reward-model
+    scores and (on the built-in task) their gold scores: the held-out eval."""
+    answers, scores = [], []
+    for start in range(0, len(prompts), 128):
+        tokens, attention_mask, answer_mask = model.policy.generate(prompt_ids[start : start + 128], cfg.max_new_tokens,
+                                                                    tok.eos_id, cfg.temperature, seed=seed + start)
+        answers += decode_answers(tok, tokens, answer_mask)
+        with autocast(device):
+            scores += reward_model(tokens, attention_mask).float().tolist()
+    gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
     return answers, scores, gold
 
 
@@ -251,17 +307,47 @@ def sample_and_score(model, reward_model, tok, prompts, cfg, device, seed):
 
 
 def main(cfg):
+    check_config(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    tok = get_tokenizer()
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
-    if cfg.minibatch_size > cfg.prompts_per_iter * cfg.samples_per_prompt:
-        raise DataError(f"--minibatch_size {cfg.minibatch_size} is larger than a rollout "
-                        f"({cfg.prompts_per_iter} prompts x {cfg.samples_per_prompt} samples)")
+
+    # --- the models: policy + value head (trained), reference (frozen), reward model (frozen) ---
+    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
+    tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
+    sft_policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl)
+    reward_ckpt = load_checkpoint(cfg.reward, "reward")
+    if reward_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+        raise DataError(f"{cfg.reward} was trained with another tokenizer than {cfg.sft}; train the reward model "
+                        "from this SFT model (train_reward.py --sft)")
+    reward_model = model_from_checkpoint(reward_ckpt, cfg.attn_impl).to(device).eval().requires_grad_(False)
+    ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)
+    model = PolicyWithValue(sft_policy.config)
+    model.policy.load_state_dict(sft_policy.state_dict())
+    cfg.max_prompt_tokens = cfg.max_prompt_tokens or model.config.block_size * 3 // 4
+    check(cfg.max_prompt_tokens + cfg.max_new_tokens <= model.config.block_size,
+          f"--max_prompt_tokens + --max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the "
+          f"model's block_size {model.config.block_size}")
+    model.to(device)
+    # dropout is 0 in every config here, but eval() makes sure: PPO's ratio compares log-probs of the
+    # sampling policy and the updated policy, and dropout noise would count as a policy change
+    model.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    kl_coef, score_std, start_iter = cfg.kl_coef, RunningStd(), 0
+    if cfg.resume:  # everything a stopped run needs to continue as if it had never stopped
+        resume_ckpt = load_checkpoint(ckpt_path, "ppo")
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        start_iter, kl_coef = resume_ckpt["step"], resume_ckpt["extra"]["kl_coef"]
+        vars(score_std).update(resume_ckpt["extra"]["score_std"])
+        print(f"resuming {ckpt_path} at iteration {start_iter}")
+    kl_ctl = AdaptiveKLController(kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
+    samples_log = MetricsLog(f"{cfg.out_dir}/samples.jsonl", resume_step=start_iter if cfg.resume else None)
 
     # --- prompts ---
     if cfg.data == "default":
-        train_prompts = task.make_prompts(4000, "train", cfg.seed + 5)
+        train_prompts = task.make_prompts(cfg.n_prompts, "train", cfg.seed + 5)
         eval_prompts = task.make_prompts(cfg.eval_prompts, "eval", cfg.seed + 6)
     else:
         train_prompts = load_prompts(cfg.data)
@@ -270,67 +356,40 @@ def main(cfg):
     if len(train_prompts) < cfg.prompts_per_iter:
         raise DataError(f"{cfg.data}: {len(train_prompts)} prompts, fewer than --prompts_per_iter {cfg.prompts_per_iter}")
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
-
-    # --- the models: policy + value head (trained), reference (frozen), reward model (frozen) ---
-    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
-    sft_policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl)
-    reward_model = model_from_checkpoint(load_checkpoint(cfg.reward, "reward"), cfg.attn_impl)
-    reward_model.to(device).eval().requires_grad_(False)
-    ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)
-    start_iter, kl_coef = 0, cfg.kl_coef
-    if cfg.resume:
-        resume_ckpt = load_checkpoint(ckpt_path, "ppo")
-        model, start_iter = model_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
-        kl_coef = resume_ckpt["extra"]["kl_coef"]
-        print(f"resuming {ckpt_path} at iteration {start_iter}")
-    else:
-        model = PolicyWithValue(sft_policy.config)
-        model.policy.load_state_dict(sft_policy.state_dict())
-    if model.config.block_size < cfg.max_prompt_tokens + cfg.max_new_tokens:
-        raise DataError(f"--max_prompt_tokens + --max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} "
-                        f"exceeds the model's block_size {model.config.block_size}")
-    model.to(device)
-    # dropout is 0 in every config here, but eval() makes sure: PPO's ratio compares log-probs of the
-    # sampling policy and the updated policy, and dropout noise would count as a policy change
-    model.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    if cfg.resume:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-    kl_ctl = AdaptiveKLController(kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
-    score_std = RunningStd()
-    if cfg.resume:
-        vars(score_std).update(resume_ckpt["extra"]["score_std"])
-    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
-    samples_log = MetricsLog(f"{cfg.out_dir}/samples.jsonl", resume_step=start_iter if cfg.resume else None)
+    train_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in train_prompts]  # tokenized once
+    eval_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in eval_prompts]
+    print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held-out, from {cfg.data}; {trunc.report()}")
 
     def evaluate(step):
-        answers, scores, gold = sample_and_score(model, reward_model, tok, eval_prompts, cfg, device, cfg.seed + 7)
+        # the same held-out prompts and sampling seed at every eval: the curve moves only if the policy does
+        answers, scores, gold = sample_and_score(model, reward_model, tok, eval_prompts, eval_ids, cfg, device, cfg.seed + 7)
         metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
-        if cfg.data == "default":  # no gold judge for outside data
+        if gold is not None:  # no gold judge for outside data
             metrics["eval_gold"] = sum(gold) / len(gold)
         log.write(metrics)
         return metrics
 
     if start_iter == 0:
         metrics = evaluate(0)
-        print(f"iteration 0 (the SFT policy): eval reward {metrics['eval_reward']:.3f}, eval gold {metrics.get('eval_gold', float('nan')):.3f}")
+        print(f"iteration 0 (the SFT policy): eval reward {metrics['eval_reward']:.3f}, "
+              f"eval gold {metrics.get('eval_gold', float('nan')):.3f}")
 
     progress = Progress("ppo", cfg.iterations, start_iter)
     for it in range(start_iter, cfg.iterations):
         # ---- 1. rollout: sample answers from the current policy ----
         t0 = time.time()
-        prompts = [train_prompts[i] for i in batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed)]
-        prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-        prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
+        rows = batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed)
+        rows = [i for i in rows for _ in range(cfg.samples_per_prompt)]
+        prompts = [train_prompts[i] for i in rows]
         tokens, attention_mask, answer_mask = model.policy.generate(
-            prompt_ids, cfg.max_new_tokens, EOS_ID, cfg.temperature, seed=cfg.seed * 1000 + it)
+            [train_ids[i] for i in rows], cfg.max_new_tokens, tok.eos_id, cfg.temperature, seed=cfg.seed * 1000 + it)
         gen_time = time.time() - t0
         action_mask = answer_mask.float()
 
         # ---- 2. score it: reward model, log-probs of policy and reference, values ----
         t1 = time.time()
         roll = rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg)
-        ends_with_eos = ((tokens == EOS_ID) & answer_mask.bool()).any(dim=1)
+        ends_with_eos = ((tokens == tok.eos_id) & answer_mask.bool()).any(dim=1)
         score = roll["score"] - cfg.eos_penalty * (~ends_with_eos).float()
         if cfg.reward_scaling:
             score_std.update(score)
@@ -342,21 +401,20 @@ def main(cfg):
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, action_mask)
 
-        # ---- 4. PPO epochs over mini-batches of the rollout ----
+        # ---- 4. PPO epochs over shuffled mini-batches of the rollout ----
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "value_clip_frac": 0.0, "approx_kl": 0.0}
         n_updates = 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed + 31 * it + epoch))
-            for rows in order.to(device).split(cfg.minibatch_size):
-                mb_mask = action_mask[rows]
-                logp, _, values = policy_forward(model, tokens[rows], attention_mask[rows], answer_mask[rows], cfg)
-                pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][rows], advantages[rows], mb_mask, cfg.clip_eps)
-                vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][rows], returns[rows], mb_mask, cfg.clip_value)
+            for mb in order.to(device).split(cfg.minibatch_size):
+                mb_mask = action_mask[mb]
+                logp, _, values = policy_forward(model, tokens[mb], attention_mask[mb], mb_mask, cfg)
+                pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask, cfg.clip_eps)
+                vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][mb], returns[mb], mb_mask, cfg.clip_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 optimizer.step()
                 for key, value in zip(sums, (pg_loss, vf_loss, clip_frac, vf_clip_frac, approx_kl)):
                     sums[key] += value.detach()
@@ -364,16 +422,16 @@ def main(cfg):
         train_time = time.time() - t1
 
         # ---- 5. adapt the KL coefficient, log ----
-        kl_per_answer = (kl.sum(1)).mean().item()  # a sync point, once per iteration
+        kl_per_answer = kl.sum(1).mean().item()  # a sync point, once per iteration
         if kl_ctl is not None:
             kl_ctl.update(kl_per_answer, len(tokens))
             kl_coef = kl_ctl.value
-        n_tokens = int(attention_mask.sum())
         step = it + 1
         record = {
             "step": step,
             "reward": roll["score"].mean().item(),  # the reward model's score, before penalties
-            "kl": kl_per_answer,  # sum over the answer of logp - logp_ref, mean over answers
+            "kl": kl_per_answer,  # sum over the answer of logp - logp_ref (the penalty's estimate), mean over answers
+            "kl_exact": roll["kl_exact"].sum(1).mean().item(),  # the same with the exact KL over the vocabulary
             "kl_coef": kl_coef,
             "entropy": masked_mean(roll["entropy"], action_mask).item(),
             **{key: float(value) / n_updates for key, value in sums.items()},  # means over all updates
@@ -381,25 +439,27 @@ def main(cfg):
             "answer_length": answer_mask.sum(1).float().mean().item(),
             "eos_fraction": ends_with_eos.float().mean().item(),
             "gen_tokens_per_s": answer_mask.sum().item() / gen_time,
-            "train_tokens_per_s": n_tokens * (cfg.ppo_epochs + 1) / train_time,
+            "train_tokens_per_s": attention_mask.sum().item() * (cfg.ppo_epochs + 1) / train_time,
         }
         answers = decode_answers(tok, tokens, answer_mask)
-        if cfg.data == "default":
-            record["gold"] = sum(task.gold_score(p, a) for p, a in zip(prompts, answers)) / len(answers)
+        gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
+        if gold is not None:
+            record["gold"] = sum(gold) / len(gold)
         log.write(record)
         progress.update(step, reward=record["reward"], gold=record.get("gold", float("nan")), kl=record["kl"],
                         clip=record["clip_frac"])
         if step % cfg.sample_interval == 0 or step == cfg.iterations:
             scores = roll["score"].tolist()
-            for p, a, s in list(zip(prompts, answers, scores))[:: cfg.samples_per_prompt][:4]:
-                samples_log.write({"step": step, "prompt": p, "answer": a, "reward": s,
-                                   "gold": task.gold_score(p, a) if cfg.data == "default" else None})
+            for i in range(0, min(len(answers), 4 * cfg.samples_per_prompt), cfg.samples_per_prompt):
+                samples_log.write({"step": step, "prompt": prompts[i], "answer": answers[i], "reward": scores[i],
+                                   "gold": gold[i] if gold is not None else None})
         if step % cfg.eval_interval == 0 or step == cfg.iterations:
             metrics = evaluate(step)
-            save_checkpoint(ckpt_path, model, "ppo", step, asdict(cfg), optimizer, extra={"kl_coef": kl_coef, "score_std": vars(score_std), "metrics": metrics})
+            save_checkpoint(ckpt_path, model, "ppo", step, asdict(cfg), tok.state(), optimizer,
+                            extra={"kl_coef": kl_coef, "score_std": vars(score_std), "metrics": metrics})
             progress.close()
-            print(f"iteration {step}: eval reward {metrics['eval_reward']:.3f}, eval gold {metrics.get('eval_gold', float('nan')):.3f}, "
-                  f"kl {record['kl']:.3f}; saved {ckpt_path}")
+            print(f"iteration {step}: eval reward {metrics['eval_reward']:.3f}, eval gold "
+                  f"{metrics.get('eval_gold', float('nan')):.3f}, kl {record['kl']:.3f}; saved {ckpt_path}")
             for p, a, s in list(zip(prompts, answers, roll["score"].tolist()))[:2]:
                 print(f"  {p!r} -> {a!r} (reward {s:.2f})")
     progress.close()

@@ -20,6 +20,10 @@ When a prompt has K > 2 ranked answers, all K*(K-1)/2 pairs are used in one batc
 run through the model once (InstructGPT, section 3.5): more comparisons per forward pass, and the
 pairs of one prompt do not end up in different batches where they would overfit.
 
+What gets compared matters. InstructGPT's labellers ranked the SFT model's own samples: the reward
+model then learns to judge the kind of answers PPO will show it. On the built-in task we do the same:
+the SFT policy answers each training prompt K times and the simulated labellers rank the answers.
+
 The reward only has meaning up to a constant (Bradley-Terry sees differences), so after training we
 pick the constant: the SFT policy's own answers to held-out prompts score 0 on average. PPO then starts
 from rewards near 0, which keeps its value targets and its KL trade-off on a sane scale.
@@ -28,6 +32,7 @@ from rewards near 0, which keeps its value targets and its KL trade-off on a san
     python train_reward.py --data ../shared/data/hh_rlhf_sample.jsonl --sft out/sft/ckpt.pt
 """
 
+import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -35,29 +40,32 @@ import torch
 import torch.nn.functional as F
 
 import task
-from data import (
-    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, encode_example, flag, get_tokenizer,
-    load_preferences, pad_batch, parse_args, pick_device, run,
+from data import DataError, Tokenizer, Truncation, encode_answer, encode_prompt, load_preferences, pad_batch
+from model import RewardModel, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, sample_answers, save_checkpoint
+from training import (
+    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_out_dir, check_positive, flag, parse_args,
+    pick_device, run, set_lr, warmup_cosine,
 )
-from model import RewardModel, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
-from train_sft import adamw, batch_indices, lr_at, sample_answers
 
 
 @dataclass
 class Config:
-    """Reward model: Bradley-Terry loss on (prompt, chosen, rejected) comparisons, from the SFT model."""
+    """Reward model: Bradley-Terry loss on ranked answers to the same prompt, starting from the SFT model."""
 
     out_dir: str = flag("out/reward", "folder for ckpt.pt and metrics.jsonl")
     sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint to start from (train_sft.py writes it)")
-    data: str = flag("default", "'default' for the built-in task's simulated labellers, or a JSONL of preferences (generic, HH-RLHF or TL;DR)")
+    data: str = flag("default", "'default' for the built-in task's simulated labellers, or a JSONL of preferences "
+                     "(generic, rankings, HH-RLHF or TL;DR)")
     eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
-    n_train: int = flag(6000, "prompts labelled by the built-in task's simulated labellers")
-    n_eval: int = flag(500, "held-out labelled pairs (built-in task)")
-    k: int = flag(2, "answers per prompt from the simulated labellers; K > 2 uses all K*(K-1)/2 pairs")
+    candidates: str = flag("policy", "built-in task: whose answers the labellers rank, 'policy' (samples of the --sft "
+                           "model, as InstructGPT) or 'demonstrator' (the task's own mixed-quality answers)")
+    n_train: int = flag(1500, "built-in task: prompts whose answers are ranked for training")
+    n_eval: int = flag(256, "built-in task: held-out prompts whose answers are ranked for the eval")
+    k: int = flag(4, "built-in task: answers per prompt; all K*(K-1)/2 pairs of a ranking are used")
     label_noise: float = flag(1.0, "labeller noise: P(a over b) = sigmoid((gold_a - gold_b) / noise); 0 = always the better")
-    margin_coef: float = flag(0.0, "weight of the score margin (needs chosen_score/rejected_score); 0 = plain Bradley-Terry")
-    max_prompt_tokens: int = flag(64, "prompts longer than this keep their last tokens")
-    max_answer_tokens: int = flag(48, "answers longer than this are cut")
+    margin_coef: float = flag(0.0, "weight of the score margin (needs a score per answer); 0 = plain Bradley-Terry")
+    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
+    max_answer_tokens: int = flag(0, "answers longer than this are cut (0: 1/4 of the block size)")
     batch_size: int = flag(32, "prompts per step (each with its 2 or K answers)")
     max_iters: int = flag(300, "optimizer steps")
     lr: float = flag(5e-4, "peak learning rate (use ~1e-5 for GPT-2 weights)")
@@ -66,11 +74,23 @@ class Config:
     weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     eval_interval: int = flag(100, "evaluate and checkpoint every this many steps")
-    norm_prompts: int = flag(128, "held-out prompts the SFT policy answers to set the reward offset (built-in task)")
     seed: int = flag(1337, "seed for data, order and sampling")
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
     resume: bool = flag(False, "continue from out_dir/ckpt.pt at the step it saved")
+
+
+def check_config(cfg):
+    """Every flag checked before any work starts."""
+    check_positive(cfg, "n_train", "n_eval", "batch_size", "max_iters", "lr", "eval_interval")
+    check(cfg.k >= 2, f"--k must be at least 2 (a ranking compares two or more answers), got {cfg.k}")
+    check(cfg.label_noise >= 0 and cfg.margin_coef >= 0, "--label_noise and --margin_coef must be >= 0")
+    check(cfg.min_lr >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.warmup_iters >= 0,
+          "--min_lr, --weight_decay, --grad_clip and --warmup_iters must be >= 0")
+    check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0, "--max_prompt_tokens and --max_answer_tokens must be >= 0")
+    check(cfg.candidates in ("policy", "demonstrator"), f"--candidates {cfg.candidates!r}: use policy or demonstrator")
+    check(cfg.attn_impl in ("auto", "triton", "sdpa", "naive"), f"--attn_impl {cfg.attn_impl!r}: use auto, triton, sdpa or naive")
+    check_out_dir(cfg.out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -89,17 +109,17 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None):
 def comparison_pairs(groups):
     """Every (better, worse) pair of answer indices inside each group, with the score gap if known.
 
-    A group is (prompt, answers best-first, scores or None); answers are numbered in the order they
-    are stacked into the batch. K answers give K*(K-1)/2 pairs."""
+    A group's answers are ranked best-first and numbered in the order they are stacked into the
+    batch. K answers give K*(K-1)/2 pairs."""
     better, worse, gap = [], [], []
     offset = 0
-    for _, answers, scores in groups:
-        for i in range(len(answers)):
-            for j in range(i + 1, len(answers)):
+    for g in groups:
+        for i in range(len(g["answers"])):
+            for j in range(i + 1, len(g["answers"])):
                 better.append(offset + i)
                 worse.append(offset + j)
-                gap.append(scores[i] - scores[j] if scores is not None else 0.0)
-        offset += len(answers)
+                gap.append(g["scores"][i] - g["scores"][j] if g.get("scores") else 0.0)
+        offset += len(g["answers"])
     return torch.tensor(better), torch.tensor(worse), torch.tensor(gap)
 
 
@@ -109,47 +129,36 @@ def pair_accuracy(r_chosen, r_rejected):
     return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
 
 
-def reward_batch(groups, tok, trunc, device):
-    """All answers of all groups as one right-padded batch of prompt+answer sequences."""
-    seqs = []
-    for prompt, answers, _ in groups:
-        for answer in answers:
-            p, a = encode_example(tok, prompt, answer, trunc)
-            seqs.append(p + a)
-    return pad_batch(seqs, pad_id=EOS_ID, device=device)  # (n_answers, T) x 2
+def reward_batch(groups, pad_id, device):
+    """All answers of all groups as one right-padded batch of prompt + answer token ids."""
+    seqs = [g["prompt"] + answer for g in groups for answer in g["answers"]]
+    return pad_batch(seqs, pad_id=pad_id, device=device)  # (n_answers, T) x 2
 
 
-def group_from_record(r):
-    """A preference record (pair or K-way ranking) as (prompt, answers best-first, scores or None)."""
-    if "answers" in r:
-        return r["prompt"], r["answers"], r.get("scores")
-    scores = [r["chosen_score"], r["rejected_score"]] if "chosen_score" in r else None
-    return r["prompt"], [r["chosen"], r["rejected"]], scores
-
-
-def pair_loss(model, groups, tok, trunc, cfg, device):
-    """Mean Bradley-Terry loss over every pair of the batch, and the rewards for the metrics."""
-    idx, mask = reward_batch(groups, tok, trunc, device)
+def pair_loss(model, groups, pad_id, margin_coef, device):
+    """Mean Bradley-Terry loss over every pair of the batch, and the rewards of each pair's two answers."""
+    idx, mask = reward_batch(groups, pad_id, device)
     with autocast(device):
         rewards = model(idx, mask).float()  # (n_answers,)
     better, worse, gap = comparison_pairs(groups)
-    margin = cfg.margin_coef * gap.to(device) if cfg.margin_coef > 0 else None
+    margin = margin_coef * gap.to(device) if margin_coef > 0 else None
     loss = bradley_terry_loss(rewards[better], rewards[worse], margin).mean()
     return loss, rewards[better], rewards[worse]
 
 
 @torch.no_grad()
-def evaluate(model, eval_groups, tok, trunc, cfg, device):
-    """Held-out loss, pairwise accuracy, margins and reward statistics; on the built-in task also how
-    often the reward model orders a pair as the gold judge does (the labels themselves are noisy)."""
+def evaluate(model, eval_groups, pad_id, cfg, device):
+    """Held-out loss, pairwise accuracy on the labels, margins and reward statistics; where the gold
+    judge is known (the built-in task), also how often the reward model orders a pair as the judge
+    does, over the pairs the judge does not call a tie (the labels themselves are noisy)."""
     model.eval()
     losses, r_c, r_r = [], [], []
     for start in range(0, len(eval_groups), cfg.batch_size):
-        loss, rc, rr = pair_loss(model, eval_groups[start : start + cfg.batch_size], tok, trunc, cfg, device)
+        loss, rc, rr = pair_loss(model, eval_groups[start : start + cfg.batch_size], pad_id, cfg.margin_coef, device)
         losses.append(loss.item() * len(rc))
         r_c.append(rc)
         r_r.append(rr)
-    r_c, r_r = torch.cat(r_c), torch.cat(r_r)
+    r_c, r_r = torch.cat(r_c).cpu(), torch.cat(r_r).cpu()
     metrics = {
         "eval_loss": sum(losses) / len(r_c),
         "eval_accuracy": pair_accuracy(r_c, r_r).mean().item(),
@@ -157,36 +166,70 @@ def evaluate(model, eval_groups, tok, trunc, cfg, device):
         "reward_chosen_mean": r_c.mean().item(), "reward_chosen_std": r_c.std().item(),
         "reward_rejected_mean": r_r.mean().item(), "reward_rejected_std": r_r.std().item(),
     }
-    if cfg.data == "default":
-        gold_c, gold_r = [], []
-        for prompt, answers, _ in eval_groups:
-            for i in range(len(answers)):
-                for j in range(i + 1, len(answers)):
-                    gold_c.append(task.gold_score(prompt, answers[i]))
-                    gold_r.append(task.gold_score(prompt, answers[j]))
-        gold_diff = torch.tensor(gold_c) - torch.tensor(gold_r)
-        decided = gold_diff != 0  # gold ties say nothing about order
-        sign = torch.where(gold_diff > 0, 1.0, -1.0)  # orient each pair so the gold judge prefers the first
-        metrics["gold_agreement"] = pair_accuracy(sign * r_c.cpu(), sign * r_r.cpu())[decided].mean().item()
+    if all(g.get("gold") for g in eval_groups):
+        gold_c = torch.tensor([g["gold"][i] for g in eval_groups for i in range(len(g["answers"]))
+                               for _ in range(i + 1, len(g["answers"]))])
+        gold_r = torch.tensor([g["gold"][j] for g in eval_groups for i in range(len(g["answers"]))
+                               for j in range(i + 1, len(g["answers"]))])
+        decided = gold_c != gold_r  # gold ties say nothing about order
+        sign = torch.where(gold_c > gold_r, 1.0, -1.0)  # orient each pair so the gold judge prefers the first
+        metrics["gold_agreement"] = pair_accuracy(sign * r_c, sign * r_r)[decided].mean().item()
     model.train()
     return metrics
 
 
+def rank_by_labeller(prompt_text, prompt_ids, answers, tok, noise, rng):
+    """A simulated labeller's ranking of a prompt's answers (token ids, duplicates dropped): the group
+    {prompt, answers best-first, scores, gold}, or None if fewer than two distinct answers are left.
+    The scores are the judge's gold scores in the labeller's order (they drive --margin_coef), the
+    gold field the same, kept for the eval's agreement with the judge."""
+    answers = [list(a) for a in dict.fromkeys(tuple(a) for a in answers)]
+    if len(answers) < 2:
+        return None
+    gold = [task.gold_score(prompt_text, tok.decode_answer(a)) for a in answers]
+    order = task.noisy_ranking(gold, noise, rng)
+    ranked_gold = [gold[i] for i in order]
+    return {"prompt": prompt_ids, "answers": [answers[i] for i in order], "scores": ranked_gold, "gold": ranked_gold}
+
+
+def task_comparisons(policy, tok, n_prompts, split, seed, trunc, cfg):
+    """Ranked answers to n_prompts prompts of the built-in task: K samples of the SFT policy (or of the
+    task's demonstrator) per prompt, ranked by the simulated labellers."""
+    prompts = task.make_prompts(n_prompts, split, seed)
+    prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
+    if cfg.candidates == "policy":
+        # temperature 1: the policy's own distribution, the one PPO starts sampling from
+        samples = sample_answers(policy, [p for p in prompt_ids for _ in range(cfg.k)], cfg.max_answer_tokens,
+                                 tok.eos_id, temperature=1.0, seed=seed)
+        trunc.answers_seen += len(samples)
+        candidates = [samples[i * cfg.k : (i + 1) * cfg.k] for i in range(len(prompts))]
+    else:
+        rng = random.Random(f"demonstrator:{split}:{seed}")
+        candidates = [[encode_answer(tok, task.sample_answer(p, rng), trunc) for _ in range(cfg.k)] for p in prompts]
+    rng = random.Random(f"labeller:{split}:{seed}")
+    groups = [rank_by_labeller(p, ids, answers, tok, cfg.label_noise, rng)
+              for p, ids, answers in zip(prompts, prompt_ids, candidates)]
+    return [g for g in groups if g is not None]
+
+
+def file_comparisons(records, tok, trunc, where="text"):
+    """Preference records (data.load_preferences) as groups of token ids, tokenized once."""
+    return [{"prompt": encode_prompt(tok, r["prompt"], trunc, where),
+             "answers": [encode_answer(tok, a, trunc, where) for a in r["answers"]], "scores": r.get("scores")}
+            for r in records]
+
+
 @torch.no_grad()
-def reward_offset(model, policy, prompts, tok, cfg, device):
-    """The mean reward of the SFT policy's own answers to held-out prompts: the constant that makes
-    them score 0 on average (it is subtracted inside RewardModel.forward)."""
+def raw_rewards(model, groups, pad_id, batch_size, device):
+    """The reward of every answer of the groups before the offset is subtracted."""
     model.eval()
-    # temperature 1: the policy's own distribution, the one PPO starts sampling from
-    answers = sample_answers(policy, tok, prompts, cfg.max_prompt_tokens, cfg.max_answer_tokens, 1.0, cfg.seed)
-    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     rewards = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        groups = [(p, [a], None) for p, a in zip(prompts[start : start + cfg.batch_size], answers[start : start + cfg.batch_size])]
-        idx, mask = reward_batch(groups, tok, trunc, device)
+    for start in range(0, len(groups), batch_size):
+        idx, mask = reward_batch(groups[start : start + batch_size], pad_id, device)
         with autocast(device):
-            rewards.append(model(idx, mask).float() + model.offset)  # the raw reward, before any offset
-    return torch.cat(rewards).mean()
+            rewards.append(model(idx, mask).float() + model.offset)
+    model.train()
+    return torch.cat(rewards)
 
 
 # -----------------------------------------------------------------------------
@@ -194,17 +237,32 @@ def reward_offset(model, policy, prompts, tok, cfg, device):
 
 
 def main(cfg):
+    check_config(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    tok = get_tokenizer()
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
 
-    # --- data: comparisons -> groups (prompt, answers best-first, scores) ---
+    # --- the SFT model: the reward model's starting point, and (built-in task) the answers to rank ---
+    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
+    tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
+    policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl).to(device).eval()
+    block = policy.config.block_size
+    cfg.max_prompt_tokens = cfg.max_prompt_tokens or block * 3 // 4
+    cfg.max_answer_tokens = cfg.max_answer_tokens or block // 4
+    check(cfg.max_prompt_tokens + cfg.max_answer_tokens <= block,
+          f"--max_prompt_tokens + --max_answer_tokens = {cfg.max_prompt_tokens + cfg.max_answer_tokens} exceeds the "
+          f"model's block_size {block}")
+
+    # --- data: comparisons -> groups {prompt ids, answer ids best-first, scores}, tokenized once ---
+    t0 = time.time()
+    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     if cfg.data == "default":
-        train_records = task.preferences(cfg.n_train, "train", cfg.seed + 2, k=cfg.k, noise=cfg.label_noise)
-        eval_records = task.preferences(cfg.n_eval, "eval", cfg.seed + 3, k=2, noise=cfg.label_noise)
-        print(f"simulated labellers (noise {cfg.label_noise}) agree with the gold judge on "
-              f"{task.label_agreement(eval_records):.1%} of held-out pairs: no reward model can learn the labels better than the labels are")
+        train_groups = task_comparisons(policy, tok, cfg.n_train, "train", cfg.seed + 2, trunc, cfg)
+        eval_groups = task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+        agree = task.label_agreement([{"chosen_score": g["gold"][i], "rejected_score": g["gold"][j]} for g in eval_groups
+                                      for i in range(len(g["answers"])) for j in range(i + 1, len(g["answers"]))])
+        print(f"{cfg.candidates} answers ranked by simulated labellers (noise {cfg.label_noise}) in {time.time() - t0:.0f}s; "
+              f"on held-out pairs the labels agree with the gold judge {agree:.1%} of the time")
     else:
         train_records = load_preferences(cfg.data)
         if cfg.eval_data:
@@ -212,19 +270,16 @@ def main(cfg):
         else:
             n_eval = max(1, len(train_records) // 10)
             train_records, eval_records = train_records[:-n_eval], train_records[-n_eval:]
-    train_groups = [group_from_record(r) for r in train_records]
-    eval_groups = [group_from_record(r) for r in eval_records]
-    if cfg.margin_coef > 0 and any(scores is None for _, _, scores in train_groups):
-        raise DataError(f"{cfg.data}: --margin_coef needs chosen_score and rejected_score on every line")
+        train_groups = file_comparisons(train_records, tok, trunc, cfg.data)
+        eval_groups = file_comparisons(eval_records, tok, trunc, cfg.eval_data or cfg.data)
+    if cfg.margin_coef > 0 and any(not g.get("scores") for g in train_groups):
+        raise DataError(f"{cfg.data}: --margin_coef needs a score for every answer (chosen_score and rejected_score)")
     if len(train_groups) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(train_groups)} comparisons, fewer than --batch_size {cfg.batch_size}")
-    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     n_pairs = len(comparison_pairs(train_groups)[0])
-    print(f"data: {len(train_groups)} prompts ({n_pairs} pairs) train, {len(eval_groups)} eval, from {cfg.data}")
+    print(f"data: {len(train_groups)} prompts ({n_pairs} pairs) train, {len(eval_groups)} eval, from {cfg.data}; {trunc.report()}")
 
     # --- model: the SFT transformer, its vocabulary head replaced by the scalar reward head ---
-    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo", "base"))
-    policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl).to(device).eval()  # for the offset at the end
     start_iter = 0
     if cfg.resume:
         resume_ckpt = load_checkpoint(ckpt_path, "reward")
@@ -232,7 +287,7 @@ def main(cfg):
         print(f"resuming {ckpt_path} at step {start_iter}")
     else:
         model = RewardModel(policy.config)
-        model.transformer.load_state_dict(policy.state_dict())
+        model.transformer.load_state_dict(policy.transformer.state_dict())
     model.to(device).train()
 
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
@@ -241,10 +296,11 @@ def main(cfg):
     log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
 
     def checkpoint(step, metrics):
-        save_checkpoint(ckpt_path, model, "reward", step, asdict(cfg), optimizer, extra={"metrics": metrics, "sft": cfg.sft})
+        save_checkpoint(ckpt_path, model, "reward", step, asdict(cfg), tok.state(), optimizer,
+                        extra={"metrics": metrics, "sft": cfg.sft})
 
     if start_iter == 0:
-        metrics = evaluate(model, eval_groups, tok, trunc, cfg, device)
+        metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
         log.write({"step": 0, **metrics})
         print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -252,13 +308,11 @@ def main(cfg):
     t0, pairs_seen = time.time(), 0
     sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
     for it in range(start_iter, cfg.max_iters):
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr := warmup_cosine(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters))
         groups = [train_groups[i] for i in batch_indices(it, len(train_groups), cfg.batch_size, cfg.seed)]
-        loss, r_chosen, r_rejected = pair_loss(model, groups, tok, trunc, cfg, device)
+        loss, r_chosen, r_rejected = pair_loss(model, groups, tok.eos_id, cfg.margin_coef, device)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         pairs_seen += len(r_chosen)
@@ -275,7 +329,7 @@ def main(cfg):
             log.write(record)
             progress.update(step, loss=means["loss"], acc=means["accuracy"], pairs_s=f"{record['pairs_per_s']:.0f}")
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            metrics = evaluate(model, eval_groups, tok, trunc, cfg, device)
+            metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
             log.write({"step": step, **metrics})
             checkpoint(step, metrics)
             progress.close()
@@ -283,12 +337,15 @@ def main(cfg):
     progress.close()
 
     # --- normalise: the SFT policy's own answers score 0 on average ---
-    if cfg.data == "default":
-        norm_prompts = task.make_prompts(cfg.norm_prompts, "eval", cfg.seed + 4)
+    if cfg.data == "default" and cfg.candidates == "policy":
+        own = eval_groups  # held-out prompts, answered by the SFT policy
     else:
-        norm_prompts = [g[0] for g in eval_groups][: cfg.norm_prompts]
-    model.offset.fill_(reward_offset(model, policy, norm_prompts, tok, cfg, device).item())
-    metrics = evaluate(model, eval_groups, tok, trunc, cfg, device)
+        prompts = task.make_prompts(cfg.n_eval, "eval", cfg.seed + 4) if cfg.data == "default" else None
+        prompt_ids = ([encode_prompt(tok, p, trunc) for p in prompts] if prompts else [g["prompt"] for g in eval_groups])
+        answers = sample_answers(policy, prompt_ids, cfg.max_answer_tokens, tok.eos_id, temperature=1.0, seed=cfg.seed)
+        own = [{"prompt": p, "answers": [a]} for p, a in zip(prompt_ids, answers)]
+    model.offset.fill_(raw_rewards(model, own, tok.eos_id, cfg.batch_size, device).mean().item())
+    metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
     metrics["offset"] = model.offset.item()
     log.write({"step": cfg.max_iters, **metrics})
     checkpoint(cfg.max_iters, metrics)

@@ -11,11 +11,10 @@ get the target -100, which cross_entropy ignores. The resulting SFT model is sta
 (the reward model) and stage 4's policy and reference.
 
     python train_sft.py                                   # built-in task, tiny GPT from scratch, CPU
-    python train_sft.py --init gpt2 --weights DIR --data ../shared/data/demonstrations_sample.jsonl
+    python train_sft.py --init gpt2 --weights DIR --data ../shared/data/demonstrations_sample.jsonl --lr 2e-5
     python train_sft.py --resume                          # continue from out/sft/ckpt.pt
 """
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,11 +22,15 @@ import torch
 import torch.nn.functional as F
 
 import task
-from data import (
-    EOS_ID, DataError, MetricsLog, Progress, Truncation, autocast, decode_answers, encode_example, encode_prompt, flag,
-    get_tokenizer, load_demonstrations, pad_batch, parse_args, pick_device, run,
+from data import DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch, task_tokenizer
+from model import (
+    GPT, LoadError, config_from_preset, load_checkpoint, load_gpt2_weights, policy_from_checkpoint, sample_answers,
+    save_checkpoint,
 )
-from model import GPT, config_from_preset, load_checkpoint, load_gpt2_weights, policy_from_checkpoint, save_checkpoint
+from training import (
+    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_out_dir, check_positive, flag, parse_args,
+    pick_device, run, set_lr, warmup_cosine,
+)
 
 IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions
 
@@ -36,16 +39,21 @@ IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions
 class Config:
     """Supervised fine-tuning: cross-entropy on the answer tokens of (prompt, answer) demonstrations."""
 
-    out_dir: str = flag("out/sft", "folder for ckpt.pt, metrics.jsonl and samples")
-    data: str = flag("default", "'default' for the built-in task, or a JSONL file of {prompt, response}, TL;DR, or preference lines (their chosen answers)")
+    out_dir: str = flag("out/sft", "folder for ckpt.pt and metrics.jsonl")
+    data: str = flag("default", "'default' for the built-in task, or a JSONL file of {prompt, response}, TL;DR, "
+                     "or preference lines (their chosen answers)")
     eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
-    init: str = flag("scratch", "'scratch' (a new GPT of --preset), 'gpt2' (Hugging Face weights in --weights), or a checkpoint path")
+    init: str = flag("scratch", "'scratch' (a new GPT of --preset), 'gpt2' (Hugging Face weights in --weights), "
+                     "or an sft/ppo checkpoint path")
     preset: str = flag("tiny", "model shape for --init scratch: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     weights: str = flag("", "local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)")
+    vocab: str = flag("auto", "token vocabulary for --init scratch: 'task' (the built-in task's ~1000 tokens), "
+                      "'gpt2' (all 50257), or 'auto' (task for --data default, else gpt2)")
     n_train: int = flag(20000, "number of demonstrations drawn from the built-in task")
     n_eval: int = flag(500, "number of held-out demonstrations for the eval loss (built-in task)")
-    max_prompt_tokens: int = flag(64, "prompts longer than this keep their last tokens")
-    max_answer_tokens: int = flag(48, "answers longer than this are cut (and then do not end with EOS)")
+    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
+    max_answer_tokens: int = flag(0, "answers longer than this are cut, and then do not end with EOS "
+                                  "(0: 1/4 of the block size)")
     batch_size: int = flag(32, "sequences per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step")
     max_iters: int = flag(800, "optimizer steps")
@@ -57,27 +65,42 @@ class Config:
     eval_interval: int = flag(200, "evaluate, sample and checkpoint every this many steps")
     eval_prompts: int = flag(64, "held-out prompts sampled for the gold score (built-in task)")
     temperature: float = flag(1.0, "sampling temperature for the eval samples (1.0: the policy as PPO will see it)")
-    seed: int = flag(1337, "seed for the data order, the model init and sampling")
+    seed: int = flag(1337, "seed for the data, the model init and sampling")
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
     resume: bool = flag(False, "continue from out_dir/ckpt.pt at the step it saved")
+
+
+def check_config(cfg):
+    """Every flag checked before any work starts."""
+    check_positive(cfg, "n_train", "n_eval", "batch_size", "grad_accum", "max_iters", "lr", "eval_interval")
+    check(cfg.min_lr >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.warmup_iters >= 0,
+          "--min_lr, --weight_decay, --grad_clip and --warmup_iters must be >= 0")
+    check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0 and cfg.eval_prompts >= 0,
+          "--max_prompt_tokens, --max_answer_tokens and --eval_prompts must be >= 0")
+    check(cfg.temperature > 0, f"--temperature must be > 0 for sampled evals, got {cfg.temperature}")
+    check(cfg.vocab in ("auto", "task", "gpt2"), f"--vocab {cfg.vocab!r}: use auto, task or gpt2")
+    check(cfg.vocab != "task" or cfg.data == "default", "--vocab task only fits --data default (the built-in task)")
+    check(cfg.init != "gpt2" or cfg.weights, "--init gpt2 needs --weights DIR, a local Hugging Face GPT-2 folder")
+    check(cfg.attn_impl in ("auto", "triton", "sdpa", "naive"), f"--attn_impl {cfg.attn_impl!r}: use auto, triton, sdpa or naive")
+    check_out_dir(cfg.out_dir)
 
 
 # -----------------------------------------------------------------------------
 # The pieces worth testing
 
 
-def sft_batch(examples, device="cpu"):
-    """(prompt ids, answer ids) pairs -> idx, targets (B, T), right-padded.
+def sft_batch(examples, pad_id, device="cpu"):
+    """(prompt ids, answer ids) pairs -> idx, targets, mask (B, T), right-padded.
 
     The model reads seq[:-1] and predicts seq[1:]. A target is kept only when it is an answer token:
     position t predicts seq[t+1], which is in the answer iff t+1 >= len(prompt)."""
     seqs = [p + a for p, a in examples]
-    idx, mask = pad_batch([s[:-1] for s in seqs], pad_id=EOS_ID, device=device)  # (B, T)
+    idx, mask = pad_batch([s[:-1] for s in seqs], pad_id=pad_id)  # (B, T)
     targets = torch.full_like(idx, IGNORE)
     for b, (p, a) in enumerate(examples):
         targets[b, len(p) - 1 : len(p) - 1 + len(a)] = torch.tensor(a)
-    return idx, targets, mask
+    return idx.to(device), targets.to(device), mask.to(device)
 
 
 def sft_loss(model, idx, targets, mask):
@@ -89,58 +112,24 @@ def sft_loss(model, idx, targets, mask):
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
-def lr_at(it, cfg):
-    """Linear warmup, then cosine decay from lr to min_lr."""
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / cfg.warmup_iters
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def adamw(model, lr, weight_decay):
-    """AdamW with weight decay on matrices only: biases and LayerNorm gains are not capacity to
-    regularise. beta2 = 0.95 as in GPT-3: steadier with small batches than 0.999."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-
-def batch_indices(k, n, batch_size, seed):
-    """Which of n examples make the k-th batch: a fixed function of k (a new shuffle each epoch), so a
-    resumed run sees exactly the batches the uninterrupted run would have seen."""
-    epoch, i = divmod(k, n // batch_size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return order[i * batch_size : (i + 1) * batch_size].tolist()
-
-
-@torch.no_grad()
-def sample_answers(model, tok, prompts, max_prompt_tokens, max_new_tokens, temperature, seed):
-    """Answers sampled from the model for a list of prompt strings, decoded to text (EOS dropped)."""
-    trunc = Truncation(max_prompt_tokens, max_new_tokens)
-    prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
-    answers = []
-    for start in range(0, len(prompts), 64):
-        tokens, _, answer_mask = model.generate(prompt_ids[start : start + 64], max_new_tokens, EOS_ID,
-                                                temperature=temperature, seed=seed + start)
-        answers += decode_answers(tok, tokens, answer_mask)
-    return answers
-
-
 @torch.no_grad()
 def evaluate(model, tok, eval_examples, eval_prompts, cfg, device, seed):
     """Held-out loss per answer token, and on the built-in task the mean gold score of sampled answers."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(eval_examples), cfg.batch_size):
-        idx, targets, mask = sft_batch(eval_examples[start : start + cfg.batch_size], device)
+        batch = eval_examples[start : start + cfg.batch_size]
+        idx, targets, mask = sft_batch(batch, tok.eos_id, device)
         with autocast(device):
             total += sft_loss(model, idx, targets, mask).item()  # a sync point, fine at eval time
-        count += int((targets != IGNORE).sum())
+        count += sum(len(a) for _, a in batch)
     metrics = {"eval_loss": total / count}
     samples = []
     if eval_prompts:
-        answers = sample_answers(model, tok, eval_prompts, cfg.max_prompt_tokens, cfg.max_answer_tokens, cfg.temperature, seed)
+        trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
+        prompt_ids = [encode_prompt(tok, p, trunc) for p in eval_prompts]
+        answer_ids = sample_answers(model, prompt_ids, cfg.max_answer_tokens, tok.eos_id, cfg.temperature, seed)
+        answers = [tok.decode_answer(a) for a in answer_ids]
         gold = [task.gold_score(p, a) for p, a in zip(eval_prompts, answers)]
         metrics["gold"] = sum(gold) / len(gold)
         samples = [{"prompt": p, "answer": a, "gold": g} for p, a, g in zip(eval_prompts, answers, gold)]
@@ -153,10 +142,36 @@ def evaluate(model, tok, eval_examples, eval_prompts, cfg, device, seed):
 
 
 def main(cfg):
+    check_config(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    tok = get_tokenizer()
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
+
+    # --- model and tokenizer: from scratch, from GPT-2 weights, or from a checkpoint ---
+    start_iter, resume_ckpt = 0, None
+    if cfg.resume:
+        resume_ckpt = load_checkpoint(ckpt_path, "sft")
+        model, start_iter = policy_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
+        tok = Tokenizer.from_state(resume_ckpt["tokenizer"])
+        print(f"resuming {ckpt_path} at step {start_iter}")
+    elif cfg.init == "scratch":
+        use_task_vocab = cfg.vocab == "task" or (cfg.vocab == "auto" and cfg.data == "default")
+        tok = task_tokenizer() if use_task_vocab else Tokenizer()
+        model = GPT(config_from_preset(cfg.preset, attn_impl=cfg.attn_impl, vocab_size=tok.vocab_size))
+    elif cfg.init == "gpt2":
+        model, tok = load_gpt2_weights(cfg.weights, cfg.attn_impl), Tokenizer()
+    else:
+        init_ckpt = load_checkpoint(cfg.init, ("sft", "ppo"))
+        model, tok = policy_from_checkpoint(init_ckpt, cfg.attn_impl), Tokenizer.from_state(init_ckpt["tokenizer"])
+    if model.config.vocab_size < tok.vocab_size:
+        raise LoadError(f"{cfg.weights or cfg.init}: the model has {model.config.vocab_size} token embeddings, its "
+                        f"tokenizer {tok.vocab_size} ids; it cannot read them (is this a GPT-2 model?)")
+    block = model.config.block_size
+    cfg.max_prompt_tokens = cfg.max_prompt_tokens or block * 3 // 4
+    cfg.max_answer_tokens = cfg.max_answer_tokens or block // 4
+    check(cfg.max_prompt_tokens + cfg.max_answer_tokens <= block,
+          f"--max_prompt_tokens + --max_answer_tokens = {cfg.max_prompt_tokens + cfg.max_answer_tokens} exceeds the "
+          f"model's block_size {block}")
 
     # --- data: demonstrations -> (prompt ids, answer ids) ---
     if cfg.data == "default":
@@ -172,32 +187,16 @@ def main(cfg):
             train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
         eval_prompts = []  # no gold judge for outside data: the eval loss is the measure
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    train = [encode_example(tok, r["prompt"], r["response"], trunc) for r in train_rows]
-    eval_examples = [encode_example(tok, r["prompt"], r["response"], trunc) for r in eval_rows]
+    train = [encode_example(tok, r["prompt"], r["response"], trunc, cfg.data) for r in train_rows]
+    eval_examples = [encode_example(tok, r["prompt"], r["response"], trunc, cfg.eval_data or cfg.data) for r in eval_rows]
     print(f"data: {len(train)} train and {len(eval_examples)} eval demonstrations from {cfg.data}; {trunc.report()}")
     if len(train) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(train)} training examples, fewer than --batch_size {cfg.batch_size}")
 
-    # --- model: from scratch, from GPT-2 weights, or from a checkpoint ---
-    start_iter, resume_ckpt = 0, None
-    if cfg.resume:
-        resume_ckpt = load_checkpoint(ckpt_path, "sft")
-        model, start_iter = policy_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
-        print(f"resuming {ckpt_path} at step {start_iter}")
-    elif cfg.init == "scratch":
-        model = GPT(config_from_preset(cfg.preset, attn_impl=cfg.attn_impl))
-    elif cfg.init == "gpt2":
-        if not cfg.weights:
-            raise DataError("--init gpt2 needs --weights DIR, a local Hugging Face GPT-2 folder")
-        model = load_gpt2_weights(cfg.weights, cfg.attn_impl)
-    else:
-        model = policy_from_checkpoint(load_checkpoint(cfg.init, ("base", "sft", "ppo")), cfg.attn_impl)
-    longest = max(len(p) + len(a) for p, a in train + eval_examples)
-    if longest > model.config.block_size:
-        raise DataError(f"examples reach {longest} tokens but the model's block_size is {model.config.block_size}; "
-                        f"lower --max_prompt_tokens/--max_answer_tokens")
     model.to(device).train()
-    print(f"model: {model.num_params() / 1e6:.1f}M parameters, {model.config.n_layer} layers, d={model.config.n_embd}, device {device}")
+    vocab = "the task's compact vocabulary" if tok.table else "GPT-2's vocabulary"
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, d={model.config.n_embd}, "
+          f"{tok.vocab_size} tokens ({vocab}), device {device}")
 
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     if resume_ckpt is not None:
@@ -205,7 +204,7 @@ def main(cfg):
     log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
 
     def checkpoint(step, metrics):
-        save_checkpoint(ckpt_path, model, "sft", step, asdict(cfg), optimizer, extra={"metrics": metrics})
+        save_checkpoint(ckpt_path, model, "sft", step, asdict(cfg), tok.state(), optimizer, extra={"metrics": metrics})
 
     if start_iter == 0:  # the untrained (or pretrained) model, for the "before" of every curve
         metrics, samples = evaluate(model, tok, eval_examples, eval_prompts, cfg, device, cfg.seed)
@@ -214,28 +213,31 @@ def main(cfg):
 
     progress = Progress("sft", cfg.max_iters, start_iter)
     t0, tokens_seen = time.time(), 0
+    loss_sum = torch.zeros((), device=device)
     for it in range(start_iter, cfg.max_iters):
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [sft_batch([train[i] for i in batch_indices(it * cfg.grad_accum + m, len(train), cfg.batch_size, cfg.seed)], device)
-                         for m in range(cfg.grad_accum)]
+        lr = warmup_cosine(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        set_lr(optimizer, lr)
+        batches = [[train[i] for i in batch_indices(it * cfg.grad_accum + m, len(train), cfg.batch_size, cfg.seed)]
+                   for m in range(cfg.grad_accum)]
         # the loss is a mean over all answer tokens of the step, however they fall into micro-batches
-        n_answer = sum(int((targets != IGNORE).sum()) for _, targets, _ in micro_batches)
-        loss_sum = 0.0
-        for idx, targets, mask in micro_batches:
+        # (counted from the lists: no sync with the GPU)
+        n_answer = sum(len(a) for batch in batches for _, a in batch)
+        for batch in batches:
+            idx, targets, mask = sft_batch(batch, tok.eos_id, device)
             with autocast(device):
                 loss = sft_loss(model, idx, targets, mask) / n_answer
             loss.backward()
             loss_sum += loss.detach()
-            tokens_seen += int(mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            tokens_seen += sum(len(p) + len(a) - 1 for p, a in batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         step = it + 1
         if step % 10 == 0 or step == cfg.max_iters:
-            loss_value = float(loss_sum)  # a sync point: only every 10 steps
+            n = 10 if step % 10 == 0 else step % 10
+            loss_value = loss_sum.item() / n  # a sync point: once every 10 steps
+            loss_sum.zero_()
             tok_s = tokens_seen / (time.time() - t0)
             log.write({"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s})
             progress.update(step, loss=loss_value, lr=lr, tok_s=f"{tok_s:.0f}")

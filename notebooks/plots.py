@@ -1,6 +1,9 @@
 """
 The figures of the pipeline, from the JSONL logs and checkpoints the three scripts write. The notebooks
-call these functions one by one; `python notebooks/plots.py out` writes them all as PNGs into out/.
+call these functions one by one; the command line writes them all as PNGs:
+
+    python notebooks/plots.py out                          # one run: figures into out/
+    python notebooks/plots.py runs/seed1 runs/seed2 runs/seed3 --to runs   # several seeds, one figure each
 
     sft.png              SFT: training and held-out loss, gold score of sampled answers
     reward_model.png     reward model: held-out accuracy, agreement with the gold judge, and the
@@ -8,8 +11,12 @@ call these functions one by one; `python notebooks/plots.py out` writes them all
     ppo.png              PPO: reward-model score, gold score and KL to the reference per iteration
     reward_hacking.png   the same run with kl_coef = 0 beside the normal one
     attention.png        the attention pattern of one head of the SFT model on one prompt
+
+Every plot function takes one run folder or a list of them (the same pipeline with other seeds): each
+run is drawn as a thin line, and with several runs their mean as a thick one.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import Truncation, get_tokenizer  # noqa: E402
+from data import Tokenizer  # noqa: E402
 from model import attention_mask_allowed, load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
 
 
@@ -35,80 +42,105 @@ def series(log, key):
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
-def plot_sft(out, ax=None):
-    log = read_log(Path(out) / "sft" / "metrics.jsonl")
+def as_runs(out):
+    return [Path(out)] if isinstance(out, (str, Path)) else [Path(o) for o in out]
+
+
+def plot_runs(ax, runs, log_name, key, label, color, style="-", marker=None):
+    """One thin line per run, and the mean of the runs as a thick line when there are several."""
+    curves = [series(read_log(run / log_name), key) for run in runs]
+    curves = [(s, v) for s, v in curves if s]
+    if not curves:
+        return
+    many = len(curves) > 1
+    for i, (steps, values) in enumerate(curves):
+        ax.plot(steps, values, style, marker=marker, color=color, lw=0.8 if many else 1.5, alpha=0.45 if many else 1.0,
+                label=None if many else label, markersize=3)
+    if many:
+        common = sorted(set.intersection(*(set(s) for s, _ in curves)))
+        mean = [sum(dict(zip(s, v))[x] for s, v in curves) / len(curves) for x in common]
+        ax.plot(common, mean, style, marker=marker, color=color, lw=2.2, label=f"{label} (mean of {len(curves)} seeds)",
+                markersize=4)
+
+
+def plot_sft(out):
+    runs = as_runs(out)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(*series(log, "loss"), label="train (answer tokens)")
-    ax1.plot(*series(log, "eval_loss"), "o-", label="held-out")
+    plot_runs(ax1, runs, "sft/metrics.jsonl", "loss", "train (answer tokens)", "C0")
+    plot_runs(ax1, runs, "sft/metrics.jsonl", "eval_loss", "held-out", "C1", marker="o")
     ax1.set(xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log", title="SFT loss")
     ax1.legend()
-    ax2.plot(*series(log, "gold"), "o-", color="C2")
+    plot_runs(ax2, runs, "sft/metrics.jsonl", "gold", "gold", "C2", marker="o")
     ax2.set(xlabel="step", ylabel="mean gold score", title="gold score of sampled answers (held-out prompts)")
     fig.tight_layout()
     return fig
 
 
 @torch.no_grad()
-def reward_distributions(out, n=300):
-    """Rewards of the held-out chosen and rejected answers of the built-in task, from the checkpoint."""
-    import task
+def reward_distributions(run, n=256):
+    """Rewards of the labellers' preferred and rejected answers to held-out prompts of the built-in task
+    (the SFT policy's own answers, ranked as train_reward.py ranks them), from the checkpoint."""
     import train_reward
+    from data import Truncation
 
-    ckpt = load_checkpoint(Path(out) / "reward" / "ckpt.pt", "reward")
-    cfg = train_reward.Config(**ckpt["train_args"])
+    ckpt = load_checkpoint(Path(run) / "reward" / "ckpt.pt", "reward")
+    cfg = train_reward.Config(**{**ckpt["train_args"], "n_eval": n})
+    tok = Tokenizer.from_state(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt).eval()
-    groups = [train_reward.group_from_record(r) for r in task.preferences(n, "eval", cfg.seed + 3, noise=cfg.label_noise)]
-    idx, mask = train_reward.reward_batch(groups, get_tokenizer(), Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens), "cpu")
-    rewards = model(idx, mask)
-    return rewards[0::2], rewards[1::2]
+    policy = policy_from_checkpoint(load_checkpoint(Path(run) / "sft" / "ckpt.pt", ("sft", "ppo"))).eval()
+    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
+    groups = train_reward.task_comparisons(policy, tok, n, "eval", cfg.seed + 3, trunc, cfg)
+    better, worse, _ = train_reward.comparison_pairs(groups)
+    rewards = train_reward.raw_rewards(model, groups, tok.eos_id, cfg.batch_size, torch.device("cpu")) - model.offset
+    return rewards[better], rewards[worse]
 
 
 def plot_reward_model(out):
-    log = read_log(Path(out) / "reward" / "metrics.jsonl")
+    runs = as_runs(out)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(*series(log, "accuracy"), label="train accuracy (noisy labels)", alpha=0.6)
-    ax1.plot(*series(log, "eval_accuracy"), "o-", label="held-out accuracy (noisy labels)")
-    ax1.plot(*series(log, "gold_agreement"), "o-", label="held-out agreement with the gold judge")
+    plot_runs(ax1, runs, "reward/metrics.jsonl", "accuracy", "train accuracy (noisy labels)", "C0")
+    plot_runs(ax1, runs, "reward/metrics.jsonl", "eval_accuracy", "held-out accuracy (noisy labels)", "C1", marker="o")
+    plot_runs(ax1, runs, "reward/metrics.jsonl", "gold_agreement", "held-out agreement with the gold judge", "C2", marker="o")
     ax1.axhline(0.5, color="grey", ls=":", label="chance")
     ax1.set(xlabel="step", ylabel="fraction of pairs", title="reward model", ylim=(0.3, 1.0))
     ax1.legend(fontsize=8)
-    r_chosen, r_rejected = reward_distributions(out)
-    bins = torch.linspace(min(r_chosen.min(), r_rejected.min()).item(), max(r_chosen.max(), r_rejected.max()).item(), 30)
-    ax2.hist(r_chosen.numpy(), bins=bins.numpy(), alpha=0.6, label="chosen")
-    ax2.hist(r_rejected.numpy(), bins=bins.numpy(), alpha=0.6, label="rejected")
-    ax2.set(xlabel="reward (normalised: SFT answers average 0)", ylabel="answers", title="held-out rewards")
-    ax2.legend()
+    r_chosen, r_rejected = reward_distributions(runs[0])
+    lo, hi = min(r_chosen.min(), r_rejected.min()).item(), max(r_chosen.max(), r_rejected.max()).item()
+    bins = torch.linspace(lo, hi, 30).numpy()
+    ax2.hist(r_chosen.numpy(), bins=bins, alpha=0.6, label="preferred by the labeller")
+    ax2.hist(r_rejected.numpy(), bins=bins, alpha=0.6, label="rejected")
+    ax2.set(xlabel="reward (SFT answers average 0)", ylabel="answers in held-out pairs", title=f"held-out rewards ({runs[0].name})")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_ppo_run(ax_reward, ax_kl, log, label, style="-"):
-    steps, reward = series(log, "reward")
-    ax_reward.plot(steps, reward, style, label=f"{label}: reward model", color="C0")
-    ax_reward.plot(*series(log, "gold"), style, label=f"{label}: gold judge", color="C2")
-    ax_kl.plot(*series(log, "kl"), style, label=label, color="C3")
-
-
 def plot_ppo(out):
-    log = read_log(Path(out) / "ppo" / "metrics.jsonl")
+    runs = as_runs(out)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    plot_ppo_run(ax1, ax2, log, "PPO")
-    ax1.plot(*series(log, "eval_gold"), "o", color="C2", label="gold, held-out prompts")
-    ax1.set(xlabel="iteration", ylabel="score of the rollout answers", title="PPO: reward model vs gold")
+    plot_runs(ax1, runs, "ppo/metrics.jsonl", "eval_reward", "reward model", "C0", marker="o")
+    plot_runs(ax1, runs, "ppo/metrics.jsonl", "eval_gold", "gold judge", "C2", marker="o")
+    ax1.set(xlabel="iteration", ylabel="mean score, held-out prompts", title="PPO: reward model vs gold")
     ax1.legend(fontsize=8)
+    plot_runs(ax2, runs, "ppo/metrics.jsonl", "kl", "sampled estimate (the penalty)", "C3")
+    plot_runs(ax2, runs, "ppo/metrics.jsonl", "kl_exact", "exact, over the vocabulary", "C4", style="--")
     ax2.set(xlabel="iteration", ylabel="KL(policy || reference) per answer (nats)", title="the KL leash")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def plot_reward_hacking(out):
+    runs = as_runs(out)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    plot_ppo_run(ax1, ax2, read_log(Path(out) / "ppo" / "metrics.jsonl"), "kl_coef 0.1")
-    plot_ppo_run(ax1, ax2, read_log(Path(out) / "ppo_nokl" / "metrics.jsonl"), "kl_coef 0", style="--")
-    ax1.set(xlabel="iteration", ylabel="mean score", title="without the KL penalty the reward model is gamed")
+    for run_name, label, style in (("ppo", "kl_coef 0.1", "-"), ("ppo_nokl", "kl_coef 0", "--")):
+        plot_runs(ax1, runs, f"{run_name}/metrics.jsonl", "eval_reward", f"{label}: reward model", "C0", style, "o")
+        plot_runs(ax1, runs, f"{run_name}/metrics.jsonl", "eval_gold", f"{label}: gold judge", "C2", style, "o")
+        plot_runs(ax2, runs, f"{run_name}/metrics.jsonl", "kl", label, "C3", style)
+    ax1.set(xlabel="iteration", ylabel="mean score, held-out prompts", title="without the KL penalty the reward model is gamed")
     ax1.legend(fontsize=8)
     ax2.set(xlabel="iteration", ylabel="KL per answer (nats)", title="KL to the reference", yscale="symlog")
-    ax2.legend()
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -116,23 +148,27 @@ def plot_reward_hacking(out):
 @torch.no_grad()
 def attention_pattern(model, tok, prompt, answer, layer=0, head=0):
     """softmax(q k^T / sqrt(hs)) of one head, recomputed from the block's own weights (the naive path)."""
-    ids = tok.encode_ordinary(prompt + answer)
-    x = model.transformer.wte(torch.tensor([ids])) + model.transformer.wpe(torch.arange(len(ids)))[None]
-    for block in model.transformer.h[:layer]:
+    ids = tok.encode(prompt + answer)
+    trunk = model.transformer
+    x = trunk.wte(torch.tensor([ids])) + trunk.wpe(torch.arange(len(ids)))[None]
+    for block in trunk.h[:layer]:
         x = block(x)
-    attn = model.transformer.h[layer].attn
-    q, k, _ = attn.c_attn(model.transformer.h[layer].ln_1(x)).split(attn.n_embd, dim=2)
+    attn = trunk.h[layer].attn
+    q, k, _ = attn.c_attn(trunk.h[layer].ln_1(x)).split(attn.n_embd, dim=2)
     hs = attn.n_embd // attn.n_head
     q, k = q[0, :, head * hs : (head + 1) * hs], k[0, :, head * hs : (head + 1) * hs]  # (T, hs)
-    scores = (q @ k.T) / hs**0.5
+    scores = (q @ k.T) * attn.scale
     scores = scores.masked_fill(~attention_mask_allowed(len(ids), len(ids), None, scores.device)[0, 0], float("-inf"))
     return scores.softmax(-1), [tok.decode([i]) for i in ids]
 
 
-def plot_attention(out, prompt="Human: Write a happy sentence about the sea.\n\nAssistant:", answer=" The sea is calm and lovely.", layer=None, head=0):
-    model = policy_from_checkpoint(load_checkpoint(Path(out) / "sft" / "ckpt.pt", "sft")).eval()
+def plot_attention(out, prompt="Human: Write a happy sentence about the sea.\n\nAssistant:",
+                   answer=" The sea is calm and lovely.", layer=None, head=0):
+    run = as_runs(out)[0]
+    ckpt = load_checkpoint(run / "sft" / "ckpt.pt", "sft")
+    model = policy_from_checkpoint(ckpt).eval()
     layer = model.config.n_layer - 1 if layer is None else layer
-    weights, labels = attention_pattern(model, get_tokenizer(), prompt, answer, layer, head)
+    weights, labels = attention_pattern(model, Tokenizer.from_state(ckpt["tokenizer"]), prompt, answer, layer, head)
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(weights.numpy(), cmap="Blues")
     ax.set_xticks(range(len(labels)), [repr(s)[1:-1] for s in labels], rotation=90, fontsize=7)
@@ -142,17 +178,26 @@ def plot_attention(out, prompt="Human: Write a happy sentence about the sea.\n\n
     return fig
 
 
-def main(out="out"):
-    out = Path(out)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Draw the pipeline's figures from one or more run folders.")
+    parser.add_argument("runs", nargs="+", help="run folders written by pipeline.sh (OUT), one per seed")
+    parser.add_argument("--to", default=None, help="folder for the PNGs (default: the first run folder)")
+    args = parser.parse_args(argv)
+    runs = [Path(r) for r in args.runs]
+    missing = [str(r / "sft" / "ckpt.pt") for r in runs if not (r / "sft" / "ckpt.pt").is_file()]
+    if missing:
+        parser.exit(2, f"error: {missing[0]} is missing; run bash pipeline.sh (OUT=that folder) first\n")
+    to = Path(args.to) if args.to else runs[0]
+    to.mkdir(parents=True, exist_ok=True)
     figures = {"sft": plot_sft, "reward_model": plot_reward_model, "ppo": plot_ppo, "attention": plot_attention}
-    if (out / "ppo_nokl" / "metrics.jsonl").exists():
+    if all((r / "ppo_nokl" / "metrics.jsonl").exists() for r in runs):
         figures["reward_hacking"] = plot_reward_hacking
     for name, make in figures.items():
-        fig = make(out)
-        fig.savefig(out / f"{name}.png", dpi=120)
+        fig = make(runs)
+        fig.savefig(to / f"{name}.png", dpi=120)
         plt.close(fig)
-        print(f"wrote {out / name}.png")
+        print(f"wrote {to / name}.png")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

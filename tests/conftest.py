@@ -32,8 +32,8 @@ def reward_run(sft_run, tmp_path_factory):
     import train_reward
 
     out = tmp_path_factory.mktemp("reward")
-    cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=3000, n_eval=300,
-                              max_iters=200, eval_interval=200, norm_prompts=64)
+    cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=400, n_eval=64,
+                              max_iters=200, eval_interval=200)
     model, metrics = train_reward.main(cfg)
     return out, cfg, model, metrics
 

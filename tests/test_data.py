@@ -10,20 +10,20 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 from data import (
-    EOS_ID, DataError, Truncation, encode_example, get_tokenizer, load_demonstrations, load_preferences,
+    GPT2_EOS, DataError, Tokenizer, Truncation, encode_example, gpt2_bpe, load_demonstrations, load_preferences,
     load_prompts, pad_batch,
 )
 
 
 def test_tokenizer_is_gpt2_offline():
-    tok = get_tokenizer()
+    tok = gpt2_bpe()
     assert tok.encode("hello world") == [31373, 995]
-    assert tok.n_vocab == 50257 and tok.eot_token == EOS_ID
+    assert tok.n_vocab == 50257 and tok.eot_token == GPT2_EOS
 
 
 def test_missing_tokenizer_files_give_one_line():
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": "/nonexistent/cache"}
-    r = subprocess.run([sys.executable, "-c", "import data; data.get_tokenizer()"], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-c", "import data; data.gpt2_bpe()"], cwd=REPO, env=env,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "TIKTOKEN_CACHE_DIR=/nonexistent/cache" in r.stderr
 
@@ -40,9 +40,9 @@ def test_demonstrations_and_tldr():
 def test_preference_files_give_their_chosen_answers_as_demonstrations():
     hh = load_demonstrations(SHARED_DATA / "hh_rlhf_sample.jsonl")
     pairs = load_preferences(SHARED_DATA / "hh_rlhf_sample.jsonl")
-    assert [(d["prompt"], d["response"]) for d in hh] == [(p["prompt"], p["chosen"]) for p in pairs]
+    assert [(d["prompt"], d["response"]) for d in hh] == [(p["prompt"], p["answers"][0]) for p in pairs]
     generic = load_demonstrations(SHARED_DATA / "preferences_sample.jsonl")
-    assert generic[0]["response"] == load_preferences(SHARED_DATA / "preferences_sample.jsonl")[0]["chosen"]
+    assert generic[0]["response"] == load_preferences(SHARED_DATA / "preferences_sample.jsonl")[0]["answers"][0]
 
 
 def test_hh_rlhf_is_split_at_the_last_shared_assistant_turn():
@@ -51,27 +51,27 @@ def test_hh_rlhf_is_split_at_the_last_shared_assistant_turn():
     assert len(pairs) == 100
     for p, r in zip(pairs, raw):
         assert p["prompt"].endswith("\n\nAssistant:") and p["prompt"].startswith("\n\nHuman:")
-        assert p["prompt"] + p["chosen"] == r["chosen"] and p["prompt"] + p["rejected"] == r["rejected"]
-    # almost always the last turn; a few real rows continue the chosen dialogue (row 58 of the sample)
-    single_turn = sum("\n\nAssistant:" not in p["chosen"] + p["rejected"] for p in pairs)
-    assert 95 <= single_turn < 100
+        chosen, rejected = p["answers"]
+        assert p["prompt"] + chosen == r["chosen"] and p["prompt"] + rejected == r["rejected"]
+        assert "\n\nHuman:" not in chosen + rejected  # one prompt, two answers to it
     # the generic file was made from the same rows by the same split
     generic = load_preferences(SHARED_DATA / "preferences_sample.jsonl")
-    hh = {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs}
-    assert sum((g["prompt"], g["chosen"], g["rejected"]) in hh for g in generic) == len(generic)
+    hh = {(p["prompt"], *p["answers"]) for p in pairs}
+    assert sum((g["prompt"], *g["answers"]) in hh for g in generic) == len(generic)
 
 
-def test_scored_preferences_keep_their_scores_and_unicode():
+def test_scored_preferences_keep_their_scores_and_unicode(capsys):
     rows = load_preferences(SHARED_DATA / "preferences_scored_sample.jsonl")
-    assert rows[0]["chosen_score"] == 0.92 and rows[0]["rejected_score"] == 0.05
-    assert any(r["rejected"] == "" for r in rows)
-    assert any(any(ord(c) > 0xFFFF for c in r["chosen"] + r["rejected"] + r["prompt"]) for r in rows)  # the emoji
+    assert rows[0]["scores"] == [0.92, 0.05]
+    # line 4 has an empty rejected answer: skipped, and said so with its line number
+    assert len(rows) == 4 and "skipped 1 line(s) with an empty answer (line 4)" in capsys.readouterr().out
+    assert any(any(ord(c) > 0xFFFF for c in "".join(r["answers"]) + r["prompt"]) for r in rows)  # the emoji
 
 
 def test_tldr_comparisons_take_the_chosen_summary():
     rows = load_preferences(SHARED_DATA / "tldr_comparisons_sample.jsonl")
     assert len(rows) == 4 and all(r["prompt"].endswith("TL;DR:") for r in rows)
-    assert all(r["chosen"] != r["rejected"] for r in rows)
+    assert all(r["answers"][0] != r["answers"][1] for r in rows)
 
 
 def test_prompts_from_every_format():
@@ -103,13 +103,13 @@ def test_missing_file():
 
 
 def test_truncation_is_explicit_and_counted():
-    tok = get_tokenizer()
+    tok = Tokenizer()
     trunc = Truncation(max_prompt_tokens=4, max_answer_tokens=5)
     p, a = encode_example(tok, "one two three four five six", " a b", trunc)
-    assert p == tok.encode(" three four five six") and a == tok.encode(" a b") + [EOS_ID]
+    assert p == tok.encode(" three four five six") and a == tok.encode(" a b") + [GPT2_EOS]
     p, a = encode_example(tok, "hi", " a b c d e f g", trunc)
     assert a == tok.encode(" a b c d e")  # cut: no EOS, a cut answer must not teach stopping
-    assert (trunc.prompts_cut, trunc.answers_cut, trunc.seen) == (1, 1, 2)
+    assert (trunc.prompts_cut, trunc.answers_cut, trunc.prompts_seen, trunc.answers_seen) == (1, 1, 2, 2)
     assert "1/2 prompts cut" in trunc.report()
 
 

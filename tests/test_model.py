@@ -208,9 +208,10 @@ def test_checkpoint_round_trip_and_stage_check(tmp_path):
     model(torch.randint(0, 97, (1, 5))).sum().backward()
     opt.step()
     path = tmp_path / "sft" / "ckpt.pt"
-    save_checkpoint(path, model, "sft", step=7, train_args={"lr": 1e-3}, optimizer=opt, extra={"note": "x"})
-    ckpt = load_checkpoint(path, ("base", "sft"))
-    assert ckpt["step"] == 7 and ckpt["train_args"] == {"lr": 1e-3} and ckpt["tokenizer"] == "gpt2"
+    tokenizer = {"bpe": "gpt2", "table": [5, 9, 50256]}
+    save_checkpoint(path, model, "sft", 7, {"lr": 1e-3}, tokenizer, optimizer=opt, extra={"note": "x"})
+    ckpt = load_checkpoint(path, ("sft", "ppo"))
+    assert ckpt["step"] == 7 and ckpt["train_args"] == {"lr": 1e-3} and ckpt["tokenizer"] == tokenizer
     assert ckpt["extra"] == {"note": "x"}
     again = policy_from_checkpoint(ckpt)
     idx = torch.randint(0, 97, (2, 9))
@@ -224,16 +225,19 @@ def test_checkpoint_round_trip_and_stage_check(tmp_path):
         load_checkpoint(path, "reward")
     with pytest.raises(LoadError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt", "sft")
+    with pytest.raises(LoadError, match="no such checkpoint; train one with train_sft.py or train_ppo.py,"):
+        load_checkpoint(tmp_path / "missing.pt", ("sft", "ppo"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(LoadError, match="cannot be read"):
         load_checkpoint(tmp_path / "junk.pt", "sft")
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
 
 
 def test_ppo_checkpoint_gives_back_its_policy(tmp_path):
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)
     pv = PolicyWithValue(cfg)
-    save_checkpoint(tmp_path / "ppo.pt", pv, "ppo", step=1, train_args={})
+    save_checkpoint(tmp_path / "ppo.pt", pv, "ppo", 1, {}, {"bpe": "gpt2", "table": None})
     ckpt = load_checkpoint(tmp_path / "ppo.pt", ("sft", "ppo"))
     assert isinstance(model_from_checkpoint(ckpt), PolicyWithValue)
     policy = policy_from_checkpoint(ckpt)

@@ -8,8 +8,8 @@ import torch
 
 from conftest import crash_after_first_checkpoint
 import train_ppo
-from model import load_checkpoint, policy_from_checkpoint
-from train_ppo import Config, gae, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
+from model import GPT, GPTConfig, load_checkpoint, policy_from_checkpoint
+from train_ppo import Config, action_logprobs, at_actions, gae, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
 
 
 def test_gae_equals_hand_computation():
@@ -58,7 +58,7 @@ def test_policy_loss_equals_hand_computation():
     loss, clip_frac, approx_kl = ppo_policy_loss(logp, logp_old, adv, mask, clip_eps=0.2)
     # per token: max(-A r, -A clip(r)) = -1, max(-1.5, -1.2) = -1.2, max(0.5, 0.8) = 0.8, max(2.2, 2.2) = 2.2
     assert loss.item() == pytest.approx((-1.0 - 1.2 + 0.8 + 2.2) / 4)
-    assert clip_frac.item() == pytest.approx(0.5)  # tokens 2 and 3: the clipped term binds, no gradient
+    assert clip_frac.item() == pytest.approx(0.5)  # ratios 1.5 and 0.5 are outside [0.8, 1.2]
     r = torch.tensor([1.0, 1.5, 0.5, 1.1])
     assert approx_kl.item() == pytest.approx(((r - 1) - r.log()).mean().item())
 
@@ -78,6 +78,35 @@ def test_whitening_uses_only_the_answer_tokens():
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
     w = masked_whiten(x, mask)
     assert w[0, 0] == 0 and w[0, 1:].mean().abs() < 1e-6 and w[0, 1:].pow(2).mean().sqrt() == pytest.approx(1, abs=1e-4)
+
+
+def test_action_logprobs_equal_log_softmax_shifted_by_one_column():
+    """On a left-padded prompt batch with answers of different lengths: the log-prob at action column t
+    is log_softmax of the logits at column t-1, read at token t; zeros off the actions; entropy likewise."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=53, n_layer=1, n_head=2, n_embd=32)).eval()
+    tokens = torch.randint(0, 52, (3, 9))
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[0, :3] = 0  # left padding of a short prompt
+    action_mask = torch.zeros(3, 9)
+    action_mask[0, 5:] = 1
+    action_mask[1, 4:7] = 1  # an answer that ended early: its tail is padding, not actions
+    action_mask[2, 8:] = 1
+    attention_mask[1, 7:] = 0
+    with torch.no_grad():
+        hidden = gpt.hidden_states(tokens, attention_mask)
+        logp, entropy = action_logprobs(gpt, hidden, tokens, action_mask, temperature=0.7, impl="torch")
+        logp_all = torch.log_softmax(gpt(tokens, attention_mask) / 0.7, dim=-1)  # (B, T, V)
+    for b in range(3):
+        for t in range(9):
+            if action_mask[b, t]:
+                assert logp[b, t] == pytest.approx(logp_all[b, t - 1, tokens[b, t]].item(), abs=1e-5)
+                h = -(logp_all[b, t - 1].exp() * logp_all[b, t - 1]).sum()
+                assert entropy[b, t] == pytest.approx(h.item(), abs=1e-5)
+            else:
+                assert logp[b, t] == 0 and entropy[b, t] == 0
+    values = torch.arange(27.0).view(3, 9)
+    assert at_actions(values, action_mask)[1].tolist() == [0, 0, 0, 0, 12, 13, 14, 0, 0]
 
 
 def ppo_cfg(out, sft_run, reward_dir, **kw):
@@ -107,6 +136,9 @@ def test_short_run_raises_reward_and_keeps_reference_frozen(sft_run, reward_dir,
     assert updates[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
     for key in ("clip_frac", "approx_kl", "explained_variance", "entropy", "eos_fraction", "gold", "value_loss"):
         assert key in updates[-1]
+    # the exact KL (over the vocabulary) starts at 0 too, and the sampled estimate tracks it
+    assert updates[0]["kl_exact"] == pytest.approx(0.0, abs=1e-4)
+    assert updates[-1]["kl_exact"] > 0
 
 
 def test_resume_continues_exactly(sft_run, reward_dir, tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import torch
 
 import task
 import train_reward
-from data import EOS_ID, Truncation, get_tokenizer
-from model import GPTConfig, LoadError, RewardModel, load_checkpoint, model_from_checkpoint, policy_from_checkpoint
-from train_reward import Config, bradley_terry_loss, comparison_pairs, reward_batch
+from data import GPT2_EOS, Tokenizer, Truncation
+from model import GPTConfig, LoadError, RewardModel, load_checkpoint, model_from_checkpoint
+from train_reward import Config, bradley_terry_loss, comparison_pairs, file_comparisons, reward_batch
 
 
 def test_bradley_terry_loss_equals_hand_computation():
@@ -26,18 +26,18 @@ def test_bradley_terry_loss_equals_hand_computation():
 
 
 def test_k_answers_give_all_pairs_best_first():
-    groups = [("p", ["a", "b", "c"], [3.0, 2.0, 0.5]), ("q", ["d", "e"], None)]
+    groups = [{"answers": ["a", "b", "c"], "scores": [3.0, 2.0, 0.5]}, {"answers": ["d", "e"]}]
     better, worse, gap = comparison_pairs(groups)
     assert better.tolist() == [0, 0, 1, 3] and worse.tolist() == [1, 2, 2, 4]
     assert gap.tolist() == [1.0, 2.5, 1.5, 0.0]
 
 
 def test_reward_batch_ends_each_answer_with_eos_and_the_model_reads_it():
-    tok = get_tokenizer()
-    groups = [("Human: hi\n\nAssistant:", [" A long answer here.", " Short."], None)]
-    idx, mask = reward_batch(groups, tok, Truncation(64, 48), "cpu")
+    tok = Tokenizer()
+    records = [{"prompt": "Human: hi\n\nAssistant:", "answers": [" A long answer here.", " Short."]}]
+    idx, mask = reward_batch(file_comparisons(records, tok, Truncation(64, 48)), tok.eos_id, "cpu")
     last = mask.sum(1) - 1  # right padding: the last real token
-    assert idx[0, last[0]] == EOS_ID and idx[1, last[1]] == EOS_ID and mask[1, -1] == 0
+    assert idx[0, last[0]] == GPT2_EOS and idx[1, last[1]] == GPT2_EOS and mask[1, -1] == 0
     torch.manual_seed(0)
     rm = RewardModel(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     torch.nn.init.normal_(rm.reward_head.proj.weight)
@@ -64,10 +64,16 @@ def test_offset_makes_the_sft_answers_average_zero(reward_run, sft_run):
     ckpt = load_checkpoint(out / "ckpt.pt", "reward")
     rm = model_from_checkpoint(ckpt).eval()
     assert rm.offset.item() == pytest.approx(metrics["offset"]) and rm.offset.item() != 0.0
-    policy = policy_from_checkpoint(load_checkpoint(sft_run / "ckpt.pt", "sft")).eval()
-    prompts = task.make_prompts(cfg.norm_prompts, "eval", cfg.seed + 4)
-    raw_mean = train_reward.reward_offset(rm, policy, prompts, get_tokenizer(), cfg, torch.device("cpu"))
-    assert raw_mean.item() == pytest.approx(rm.offset.item(), abs=1e-4)  # so the normalised mean is 0
+    # the SFT policy's own answers to held-out prompts (the eval candidates) now average 0
+    sft = load_checkpoint(sft_run / "ckpt.pt", "sft")
+    policy = train_reward.policy_from_checkpoint(sft).eval()
+    tok = Tokenizer.from_state(sft["tokenizer"])
+    cfg.max_prompt_tokens, cfg.max_answer_tokens = ckpt["train_args"]["max_prompt_tokens"], ckpt["train_args"]["max_answer_tokens"]
+    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
+    own = train_reward.task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+    with torch.no_grad():
+        rewards = train_reward.raw_rewards(rm, own, tok.eos_id, cfg.batch_size, torch.device("cpu")) - rm.offset
+    assert rewards.mean().item() == pytest.approx(0.0, abs=1e-4)
 
 
 def test_wrong_stage_checkpoint_is_a_one_line_error(reward_run, tmp_path):

@@ -11,11 +11,12 @@ from conftest import crash_after_first_checkpoint
 import train_sft
 from model import GPT, GPTConfig, LoadError, load_checkpoint
 from train_sft import IGNORE, Config, sft_batch, sft_loss
+from training import UsageError, warmup_cosine
 
 
 def test_loss_mask_covers_exactly_the_answer_tokens():
     # prompt [11, 12, 13], answer [21, 22, EOS]; prompt [31], answer [41, EOS]
-    idx, targets, mask = sft_batch([([11, 12, 13], [21, 22, 50256]), ([31], [41, 50256])])
+    idx, targets, mask = sft_batch([([11, 12, 13], [21, 22, 50256]), ([31], [41, 50256])], pad_id=50256)
     assert idx.tolist() == [[11, 12, 13, 21, 22], [31, 41, 50256, 50256, 50256]]
     # position t predicts token t+1: the first answer token is predicted from the last prompt token
     assert targets.tolist() == [[IGNORE, IGNORE, 21, 22, 50256], [41, 50256, IGNORE, IGNORE, IGNORE]]
@@ -26,7 +27,7 @@ def test_sft_loss_equals_hand_computation():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))  # GPT-2's vocabulary: EOS pads
     examples = [([1, 2, 3], [4, 5, 50256]), ([6], [7, 50256])]
-    idx, targets, mask = sft_batch(examples)
+    idx, targets, mask = sft_batch(examples, pad_id=50256)
     loss = sft_loss(model, idx, targets, mask)
     expected = 0.0
     for p, a in examples:  # each sequence alone, unpadded: -log p(a_t | prompt, a_<t), summed
@@ -38,9 +39,9 @@ def test_sft_loss_equals_hand_computation():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    cfg = Config(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    assert train_sft.lr_at(0, cfg) == pytest.approx(0.1) and train_sft.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train_sft.lr_at(60, cfg) == pytest.approx(0.55) and train_sft.lr_at(110, cfg) == pytest.approx(0.1)
+    lr_at = lambda it: warmup_cosine(it, lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)  # noqa: E731
+    assert lr_at(0) == pytest.approx(0.1) and lr_at(9) == pytest.approx(1.0)
+    assert lr_at(60) == pytest.approx(0.55) and lr_at(110) == pytest.approx(0.1)
 
 
 def read_log(path):
@@ -84,5 +85,5 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
 def test_resume_without_checkpoint_and_wrong_stage_are_one_line_errors(tmp_path):
     with pytest.raises(LoadError, match="no such checkpoint"):
         train_sft.main(small_cfg(tmp_path, resume=True))
-    with pytest.raises(LoadError, match="--weights"):
+    with pytest.raises(UsageError, match="--weights"):
         train_sft.main(small_cfg(tmp_path, init="gpt2"))

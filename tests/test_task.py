@@ -6,7 +6,7 @@ import random
 import pytest
 
 import task
-from data import get_tokenizer
+from data import Tokenizer, task_tokenizer
 from task import GOLD_MAX, GOLD_MIN, format_prompt, gold_score, gold_terms
 
 HAPPY_SEA = format_prompt("Write a happy sentence about the sea.")
@@ -33,7 +33,7 @@ def test_eval_prompts_never_in_train():
     assert 0.1 < len(eval_pool) / len(task.SPECS) < 0.3
     train, evals = task.make_prompts(3000, "train"), task.make_prompts(1000, "eval", seed=7)
     assert not set(train) & set(evals)
-    assert {task.prompt_kind(p) for p in evals} == set(task.KINDS)
+    assert {task.parse_prompt(p).kind for p in evals} == set(task.KINDS)
     with pytest.raises(ValueError):
         task.make_prompts(3, "test")
 
@@ -145,9 +145,9 @@ def test_rambles_are_off_task_for_every_kind():
 
 def test_bradley_terry_probability():
     rng = random.Random(0)
-    wins = sum(task._noisy_ranking([1.0, 0.0], 1.0, rng)[0] == 0 for _ in range(20000))
+    wins = sum(task.noisy_ranking([1.0, 0.0], 1.0, rng)[0] == 0 for _ in range(20000))
     assert abs(wins / 20000 - 1 / (1 + math.exp(-1.0))) < 0.015   # sigmoid(1) = 0.731
-    assert task._noisy_ranking([0.0, 2.0, 1.0], 0.0, rng) == [1, 2, 0]
+    assert task.noisy_ranking([0.0, 2.0, 1.0], 0.0, rng) == [1, 2, 0]
 
 
 def test_label_agreement_follows_noise():
@@ -178,7 +178,7 @@ def test_k_way_rankings():
 
 
 def test_everything_tokenizes_short():
-    enc = get_tokenizer()
+    enc = Tokenizer()
     for request in task.SPECS:
         prompt = format_prompt(request)
         assert len(enc.encode(prompt)) <= 32
@@ -187,3 +187,32 @@ def test_everything_tokenizes_short():
         assert len(enc.encode(row["response"])) <= 32
     for row in task.preferences(300, k=4, seed=1):
         assert all(len(enc.encode(a)) <= 32 for a in row["answers"])
+
+
+def test_compact_vocabulary_round_trips_everything_the_task_writes():
+    """Every prompt, reference answer, demonstration (every content mode and flaw) and hacked answer
+    encodes into the compact table and decodes back to the same text, and means the same GPT-2 tokens."""
+    tok, gpt2 = task_tokenizer(), Tokenizer()
+    assert tok.vocab_size < 1100 and tok.decode([tok.eos_id]) == "<|endoftext|>"
+    texts = [format_prompt(r) for r in task.SPECS] + [task.reference_answer(format_prompt(r)) for r in task.SPECS]
+    rng = random.Random(0)
+    for split in ("train", "eval"):
+        for prompt in task.make_prompts(2000, split, seed=3):
+            texts += [task.sample_answer(prompt, rng) for _ in range(3)]
+    spec = task.parse_prompt(SUM_3_4)
+    for mode in task.CONTENT_MODES:
+        for flaw in task.SURFACE_FLAWS:
+            texts.append(" " + task._apply_flaw(task._compose(spec, mode, rng), flaw, rng))
+    texts += [" The sea is happy happy bright bright lovely lovely lovely.", " 18 plus 0 is 18.."]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and [tok.table[i] for i in ids] == gpt2.encode(text), text
+    # text the task never writes is refused by name, not mangled
+    with pytest.raises(Exception, match="outside the compact vocabulary"):
+        tok.encode(" The sea is turquoise.")
+
+
+def test_gpt2_tokenizer_is_tiktoken_untouched():
+    tok = Tokenizer()
+    assert tok.table is None and tok.vocab_size == 50257 and tok.eos_id == 50256
+    assert tok.encode("hello world") == [31373, 995] and tok.decode([31373, 995]) == "hello world"
