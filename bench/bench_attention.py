@@ -1,4 +1,4 @@
-"""Benchmark: our Triton flash_attention vs PyTorch's flash SDPA vs the naive reference (GPU only).
+"""Benchmark: our Triton flash_attention vs PyTorch's flash SDPA vs the naive reference.
 
     python bench/bench_attention.py            # T = 512 .. 8192, head dims 64 and 128
     python bench/bench_attention.py --quick    # T = 512 .. 2048, head dim 64, fewer repetitions
@@ -9,32 +9,39 @@ Causal, bf16. Attention is bound by its matmuls, so the unit is TFLOP/s (an H100
             halved by the causal mask:          flops_fwd = 0.5 * 4 * B * nh * T * T * hs
   backward: dV, dP, dQ, dK are four matmuls of the same size, plus recomputing S (a fifth):
             2.5 * flops_fwd, so forward + backward = 3.5 * flops_fwd (the Triton tutorial's 2.5 factor
-            counts the backward alone).
-Shapes: nh = 16 and B * T = 2048 tokens (B = 4 at T = 512, 2 at 1024, 1 from 2048 on), so the work
-per launch grows with T only once B reaches 1; at small T the GPU is not full and every kernel looks
+            counts the backward alone). The backward alone is timed as (fwd+bwd) - fwd.
+Shapes: nh = 16 and B * T = --tokens tokens (B = tokens // T, at least 1), so every T does about the
+same work per launch until B reaches 1; with too few tokens the GPU is not full and every kernel looks
 slower. The naive reference stores the (B, nh, T, T) matrix several times over, so it is skipped from
 T = 8192 (16 * 8192^2 * 2 bytes = 2 GiB per copy).
+
+measure() is also what bench/gpu_check.py runs; on the CPU (its --dry-run) it times the Triton
+interpreter and PyTorch's CPU attention, which says nothing about a GPU: that only checks the code.
 """
 
 import argparse
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `kernels` imports when run as a script
 from kernels.flash_attention import attention_reference, flash_attention  # noqa: E402
+
+PASSES = ("fwd", "fwd+bwd", "bwd")  # bwd is derived: (fwd+bwd) - fwd
+IMPLS = ("ours", "sdpa", "naive")
+NAIVE_MAX_T = 4096  # the naive path's (B, nh, T, T) matrices above this do not fit comfortably
 
 
 @dataclass
 class Args:
     quick: bool = field(default=False, metadata={"help": "T up to 2048, head dim 64 only, fewer reps"})
     nh: int = field(default=16, metadata={"help": "number of heads"})
-    tokens: int = field(default=2048, metadata={"help": "B * T per launch, B = max(1, tokens // T)"})
+    tokens: int = field(default=16384, metadata={"help": "B * T per launch, B = max(1, tokens // T)"})
 
 
 def parse_args():
@@ -47,24 +54,84 @@ def parse_args():
     return Args(**vars(parser.parse_args()))
 
 
-def sdpa_flash(q, k, v):
-    # Force PyTorch's FlashAttention-2 backend, so the comparison is fused kernel against fused kernel
-    # (the default dispatcher may pick cuDNN or memory-efficient attention instead).
+def sdpa(q, k, v):
+    # On CUDA, force PyTorch's FlashAttention-2 backend, so the comparison is fused kernel against fused
+    # kernel (the default dispatcher may pick cuDNN or memory-efficient attention instead). The CPU has
+    # no flash backend; there the default one runs.
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def time_ms(fn, q, k, v, do, backward, reps):
-    """Median milliseconds of fn(q, k, v), or of fn plus .backward(do) when backward is True."""
-    if not backward:
-        with torch.no_grad():
-            return triton.testing.do_bench(lambda: fn(q, k, v), rep=reps)
+IMPL_FNS = {"ours": flash_attention, "sdpa": sdpa, "naive": attention_reference}
 
-    def step():
+
+def time_ms(fn, reps, grad_to_none=()):
+    """Median milliseconds of fn(). On CUDA triton's do_bench (reps = milliseconds of repetitions, with
+    the L2 cache flushed between runs); on the CPU wall-clock time of reps runs after one warm-up."""
+    tensors = list(grad_to_none)
+    if tensors and tensors[0].is_cuda:
+        import triton
+
+        return triton.testing.do_bench(fn, grad_to_none=tensors, rep=reps)
+    fn()
+    times = []
+    for _ in range(reps):
+        for t in tensors:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def flops_forward(B, nh, T, hs):
+    return 0.5 * 4 * B * nh * T * T * hs  # causal: half of Q K^T and P V
+
+
+def measure(T, hs, B, nh, device="cuda", dtype=torch.bfloat16, reps=100, max_err=2e-2):
+    """TFLOP/s of each impl and pass at one shape: {(impl, pass): TFLOP/s or None (not run)}, plus the
+    largest difference of our output from SDPA's (checked before any timing: a fast wrong kernel is not
+    a result; RuntimeError above max_err)."""
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(B, nh, T, hs, device=device, dtype=dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    with torch.no_grad():
+        err = (flash_attention(q, k, v) - sdpa(q, k, v)).abs().max().item()  # a sync point
+    if err > max_err:
+        raise RuntimeError(f"flash_attention differs from SDPA by {err:.3g} at T={T}, hs={hs}")
+
+    flops = flops_forward(B, nh, T, hs)
+    result = {}
+    for impl, fn in IMPL_FNS.items():
+        if impl == "naive" and T > NAIVE_MAX_T:
+            result.update({(impl, p): None for p in PASSES})
+            continue
+        fwd_ms, both_ms = _time_passes(fn, q, k, v, do, reps)
+        bwd_ms = both_ms - fwd_ms
+        result[(impl, "fwd")] = flops / (fwd_ms * 1e-3) / 1e12
+        result[(impl, "fwd+bwd")] = 3.5 * flops / (both_ms * 1e-3) / 1e12
+        result[(impl, "bwd")] = 2.5 * flops / (bwd_ms * 1e-3) / 1e12 if bwd_ms > 0 else None
+    q = k = v = do = None  # free the inputs before the next shape allocates its own
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result, err
+
+
+def _time_passes(fn, q, k, v, do, reps):
+    """Milliseconds of fn's forward alone and of its forward + backward."""
+    def forward():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def forward_backward():
         fn(q, k, v).backward(do)
 
-    # grad_to_none resets .grad between runs, so the time is not spent accumulating into old grads.
-    return triton.testing.do_bench(step, grad_to_none=[q, k, v], rep=reps)
+    return time_ms(forward, reps, grad_to_none=(q, k, v)), time_ms(forward_backward, reps, grad_to_none=(q, k, v))
 
 
 def main():
@@ -72,6 +139,7 @@ def main():
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU (none found); nothing to time.")
         return
+    import triton
 
     seq_lens = (512, 1024, 2048) if args.quick else (512, 1024, 2048, 4096, 8192)
     head_dims = (64,) if args.quick else (64, 128)
@@ -81,37 +149,16 @@ def main():
     header = f"{'T':>5} {'B':>2} {'nh':>3} {'hs':>4} {'pass':>8} {'ours':>7} {'sdpa':>7} {'naive':>7} {'ratio':>6}"
     print(header)
     print("-" * len(header))
-
     for hs in head_dims:
         for T in seq_lens:
             B = max(1, args.tokens // T)
-            nh = args.nh
-            torch.manual_seed(0)
-            q, k, v, do = (torch.randn(B, nh, T, hs, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-            for t in (q, k, v):
-                t.requires_grad_()
-
-            # A correctness check before any timing: a fast wrong kernel is not a result.
-            with torch.no_grad():
-                err = (flash_attention(q, k, v) - sdpa_flash(q, k, v)).abs().max().item()  # sync point
-            if err > 2e-2:
-                raise RuntimeError(f"flash_attention differs from SDPA by {err:.3g} at T={T}, hs={hs}")
-
-            flops_fwd = 0.5 * 4 * B * nh * T * T * hs
-            naive_fits = T < 8192
-            for name, backward, flops in (("fwd", False, flops_fwd), ("fwd+bwd", True, 3.5 * flops_fwd)):
-                ours = time_ms(flash_attention, q, k, v, do, backward, reps)
-                sdpa = time_ms(sdpa_flash, q, k, v, do, backward, reps)
-                naive = time_ms(attention_reference, q, k, v, do, backward, reps) if naive_fits else None
-
-                def tflops(ms):
-                    return flops / (ms * 1e-3) / 1e12
-
-                naive_col = f"{tflops(naive):7.1f}" if naive is not None else f"{'skip':>7}"
-                print(f"{T:>5} {B:>2} {nh:>3} {hs:>4} {name:>8} {tflops(ours):7.1f} {tflops(sdpa):7.1f} "
-                      f"{naive_col} {sdpa / ours:6.2f}")
-            del q, k, v, do
-            torch.cuda.empty_cache()
+            result, _ = measure(T, hs, B, args.nh, reps=reps)
+            for name in PASSES:
+                cols = [f"{result[(impl, name)]:7.1f}" if result[(impl, name)] is not None else f"{'skip':>7}"
+                        for impl in IMPLS]
+                ours, ref = result[("ours", name)], result[("sdpa", name)]
+                ratio = f"{ours / ref:6.2f}" if ours and ref else f"{'-':>6}"
+                print(f"{T:>5} {B:>2} {args.nh:>3} {hs:>4} {name:>8} {' '.join(cols)} {ratio}")
 
 
 if __name__ == "__main__":

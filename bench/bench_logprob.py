@@ -4,11 +4,15 @@ Each case runs forward + backward of one loss at V = 50257 (a sum of the outputs
 gradient):
   log_softmax+gather  torch.log_softmax(logits, -1).gather(...)      logp only, in the logits' dtype
   cross_entropy       -F.cross_entropy(logits, targets, reduction="none")   logp only
-  reference           logprobs_reference: logp and entropy in fp32 (what impl="torch" runs)
+  pytorch logp+H      log_softmax in fp32, gather, entropy -(p * log p).sum(-1): what one writes by hand
+  reference           logprobs_reference: the same, -inf logits handled (what impl="torch" runs)
   triton              token_logprobs(impl="triton"): logp and entropy in fp32, one pass over the logits
+  trl                 TRL's trl.kernels.selective_log_softmax_and_entropy, when trl is installed
 and, from hidden states (N, C) and the LM head (V, C), C = 768 (GPT-2 small):
   linear reference    linear_logprobs_reference: all (N, V) logits at once
   linear chunked      linear_logprobs: chunk_size rows of logits at a time (Triton on CUDA, PyTorch on CPU)
+  trl linear          TRL's trl.kernels.chunked_logprob.ChunkedLogProbFunction, when trl is installed
+(trl is optional: `pip install -e ".[bench]"`.)
 
 On CUDA it reports the median time, GB/s = bytes of the logits / time, and peak memory above the inputs
 (torch.cuda.max_memory_allocated). The bottleneck is memory bandwidth, so the bound is measured too: a
@@ -24,14 +28,19 @@ CPU timings would say nothing about the GPU, so timings need a CUDA device.
     python bench/bench_logprob.py                     # CUDA: N = 4096, 16384, 65536; fp32 and bf16
     python bench/bench_logprob.py --quick             # one size, one dtype, 3 repetitions
     python bench/bench_logprob.py --sizes 1024,2048 --dtypes bf16
+
+measure() is also what bench/gpu_check.py runs, on fewer cases.
 """
 
 import argparse
+import importlib
+import importlib.util
 import os
 import platform
 import re
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -40,7 +49,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `kernels`
 from kernels.logprob import (  # noqa: E402
-    HAVE_TRITON,
     linear_logprobs,
     linear_logprobs_reference,
     logprobs_reference,
@@ -77,6 +85,13 @@ def cross_entropy(logits, targets):
     return -F.cross_entropy(logits, targets, reduction="none").sum()
 
 
+def pytorch_logp_entropy(logits, targets):
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # (N, V) fp32
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)  # (N,)
+    return (logp + entropy).sum()
+
+
 def reference(logits, targets):
     logp, entropy = logprobs_reference(logits, targets)
     return (logp + entropy).sum()
@@ -93,14 +108,49 @@ def linear_reference(hidden, weight, targets, chunk_size):
 
 
 def linear_chunked(hidden, weight, targets, chunk_size):
-    impl = "triton" if hidden.is_cuda else "torch"
-    logp, entropy = linear_logprobs(hidden, weight, targets, chunk_size=chunk_size, impl=impl)
+    # Triton on CUDA; on the CPU PyTorch, except under the interpreter (gpu_check.py --dry-run)
+    kernels = hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    logp, entropy = linear_logprobs(hidden, weight, targets, chunk_size=chunk_size,
+                                    impl="triton" if kernels else "torch")
+    return (logp + entropy).sum()
+
+
+def trl_logp_entropy(logits, targets):
+    from trl.kernels import selective_log_softmax_and_entropy
+
+    logp, entropy = selective_log_softmax_and_entropy(logits, targets)
+    return (logp + entropy).sum()
+
+
+def trl_linear(hidden, weight, targets, chunk_size):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # its own chunk sizes
+
+    logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0)
     return (logp + entropy).sum()
 
 
 LOGITS_CASES = {"log_softmax+gather": log_softmax_gather, "cross_entropy": cross_entropy,
-                "reference": reference, "triton": fused}
-LINEAR_CASES = {"linear reference": linear_reference, "linear chunked": linear_chunked}
+                "pytorch logp+H": pytorch_logp_entropy, "reference": reference, "triton": fused,
+                "trl": trl_logp_entropy}
+LINEAR_CASES = {"linear reference": linear_reference, "linear chunked": linear_chunked,
+                "trl linear": trl_linear}
+TRL_CASES = {"trl": ("trl.kernels", "selective_log_softmax_and_entropy"),
+             "trl linear": ("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")}
+
+
+def unavailable(case):
+    """Why a case cannot run here (a string), or None when it can: the TRL cases need trl and a
+    version that has the kernel."""
+    if case not in TRL_CASES:
+        return None
+    if importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install -e \".[bench]\")"
+    module, name = TRL_CASES[case]
+    try:
+        found = hasattr(importlib.import_module(module), name)
+    except ImportError as e:
+        return f"{module} does not import: {e}"
+    return None if found else f"trl {importlib.import_module('trl').__version__} has no {module}.{name}"
 
 
 def make_inputs(case, N, V, C, dtype, device):
@@ -143,20 +193,20 @@ def cuda_time_ms(fn, reps):
     return statistics.median(times)
 
 
-def cuda_case(case, N, V, C, dtype, args, reps):
+def cuda_case(case, N, V, C, dtype, chunk_size, reps):
     """(ms, peak bytes above the inputs) of one case, or None when it runs out of memory."""
     try:
         inputs = make_inputs(case, N, V, C, dtype, "cuda")
-        step(case, inputs, args.chunk_size)  # warm-up, outside the memory measurement
+        step(case, inputs, chunk_size)  # warm-up, outside the memory measurement
         for x in inputs:
             x.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(case, inputs, args.chunk_size)
+        step(case, inputs, chunk_size)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        ms = cuda_time_ms(lambda: step(case, inputs, args.chunk_size), reps)
+        ms = cuda_time_ms(lambda: step(case, inputs, chunk_size), reps)
         result = ms, peak
     except torch.cuda.OutOfMemoryError:
         result = None
@@ -165,10 +215,38 @@ def cuda_case(case, N, V, C, dtype, args, reps):
     return result
 
 
+def copy_gbs(N, V, dtype, device, reps):
+    """GB/s of x.clone() for an (N, V) tensor: one read and one write, the bandwidth bound."""
+    nbytes = N * V * dtype.itemsize
+    try:
+        x = torch.empty(N, V, device=device, dtype=dtype)
+        ms = cuda_time_ms(lambda: x.clone(), reps) if device == "cuda" else cpu_time_ms(lambda: x.clone(), reps)
+        return 2 * nbytes / ms / 1e6
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        x = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure(case, N, V, C, dtype, device, reps, chunk_size=1024):
+    """(ms, peak bytes) of one forward + backward of case, or None when it runs out of memory.
+
+    On CUDA: the median of reps timed runs (CUDA events) and the peak allocated above the inputs. On
+    the CPU (gpu_check.py --dry-run): wall-clock time, which says nothing about a GPU, and the growth
+    of resident memory (Linux; None elsewhere)."""
+    if device == "cuda":
+        return cuda_case(case, N, V, C, dtype, chunk_size, reps)
+    peak = cpu_peak_bytes(case, N, V, C, dtype, chunk_size) if os.path.exists("/proc/self/clear_refs") else None
+    inputs = make_inputs(case, N, V, C, dtype, "cpu")
+    return cpu_time_ms(lambda: step(case, inputs, chunk_size), reps), peak
+
+
 def run_cuda(args, sizes, dtypes, reps):
     V, C = args.vocab, args.n_embd
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"triton {__import__('triton').__version__ if HAVE_TRITON else 'not installed'}")
+          f"triton {__import__('triton').__version__}")
     print(f"V = {V}, C = {C}, chunk_size = {args.chunk_size}, forward + backward, median of {reps}\n")
     header = (f"{'N':>6} {'dtype':>5}  {'case':<19} {'ms':>8} {'GB/s':>7} {'% of copy':>9} {'TFLOP/s':>8} "
               f"{'peak GB':>8}")
@@ -176,27 +254,21 @@ def run_cuda(args, sizes, dtypes, reps):
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             logits_bytes = N * V * dtype.itemsize
-            try:
-                x = torch.empty(N, V, device="cuda", dtype=dtype)
-                copy_ms = cuda_time_ms(lambda: x.clone(), reps)
-                copy_gbs = 2 * logits_bytes / copy_ms / 1e6  # read + write
-            except torch.cuda.OutOfMemoryError:
-                copy_gbs = float("nan")
-            x = None
-            torch.cuda.empty_cache()
+            copy = copy_gbs(N, V, dtype, "cuda", reps) or float("nan")
             print(header)
-            print(f"{N:>6} {dtype_name:>5}  {'copy (x.clone())':<19} {'':>8} {copy_gbs:>7.0f}")
+            print(f"{N:>6} {dtype_name:>5}  {'copy (x.clone())':<19} {'':>8} {copy:>7.0f}")
             for case in [*LOGITS_CASES, *LINEAR_CASES]:
-                if case == "triton" and not HAVE_TRITON:
+                if unavailable(case):
+                    print(f"{N:>6} {dtype_name:>5}  {case:<19} not measured: {unavailable(case)}")
                     continue
-                result = cuda_case(case, N, V, C, dtype, args, reps)
+                result = measure(case, N, V, C, dtype, "cuda", reps, args.chunk_size)
                 if result is None:
                     print(f"{N:>6} {dtype_name:>5}  {case:<19} {'out of memory':>8}")
                     continue
                 ms, peak = result
                 if case in LOGITS_CASES:
                     gbs = logits_bytes / ms / 1e6
-                    of_copy = 100 * 3 * logits_bytes / ms / 1e6 / copy_gbs
+                    of_copy = 100 * 3 * logits_bytes / ms / 1e6 / copy
                     print(f"{N:>6} {dtype_name:>5}  {case:<19} {ms:>8.2f} {gbs:>7.0f} {of_copy:>8.0f}% "
                           f"{'':>8} {peak / 1e9:>8.2f}")
                 else:
@@ -207,7 +279,19 @@ def run_cuda(args, sizes, dtypes, reps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# CPU: peak memory only
+# CPU: peak memory (and, for gpu_check.py --dry-run, wall-clock time)
+
+
+def cpu_time_ms(fn, reps):
+    """Median wall-clock milliseconds of fn() over reps runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
 
 
 def _status_bytes(key):
@@ -232,15 +316,15 @@ def run_cpu(args, sizes, dtypes):
     print(f"device: CPU ({platform.machine()}), torch {torch.__version__}")
     print("timings need a GPU: on CPU this reports peak memory only, the growth of resident memory during "
           "one forward + backward above the inputs (it includes the gradients of the inputs).")
-    print(f"V = {V}, C = {C}, chunk_size = {args.chunk_size}; the Triton case is skipped (the interpreter "
-          "is a correctness tool)\n")
+    print(f"V = {V}, C = {C}, chunk_size = {args.chunk_size}; the Triton and TRL cases are skipped (the "
+          "interpreter is a correctness tool)\n")
     if not os.path.exists("/proc/self/clear_refs"):
         print("peak memory on CPU is read from /proc/self (Linux only); nothing to report here")
         return
     print(f"{'N':>6} {'dtype':>5}  {'case':<19} {'peak GB':>8}   for scale: one (N, V) fp32 tensor is")
     for N in sizes:
         for dtype_name in dtypes:
-            for case in [c for c in [*LOGITS_CASES, *LINEAR_CASES] if c != "triton"]:
+            for case in [c for c in [*LOGITS_CASES, *LINEAR_CASES] if c != "triton" and c not in TRL_CASES]:
                 peak = cpu_peak_bytes(case, N, V, C, DTYPES[dtype_name], args.chunk_size)
                 print(f"{N:>6} {dtype_name:>5}  {case:<19} {peak / 1e9:>8.2f}   {N * V * 4 / 1e9:.2f} GB")
             print()

@@ -102,7 +102,7 @@ def _dot(a, b, UPCAST_BF16_DOT: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KV_START,  # pointers; LSE is fp32 (B, nh, Tq), KV_START int32 (B,)
+    Q, K, V, O, LSE, KV_START,  # noqa: E741 (O: the paper's name). LSE fp32 (B, nh, Tq), KV_START int32 (B,)
     sm_scale, n_heads, Tq, Tk,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_BF16_DOT: tl.constexpr,
@@ -203,7 +203,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, D, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_preprocess_kernel(O, DO, D, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # noqa: E741
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -336,8 +336,12 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch_config(pass_name, head_dim, dtype):
+def _launch_config(pass_name, head_dim, dtype, interpreting=None):
     """Block sizes and launch settings for the 'fwd' or 'bwd' kernels.
+
+    interpreting=None reads TRITON_INTERPRET; False gives the GPU configuration whatever the variable
+    says, which is how tests/test_kernels_compile.py compiles the GPU launches and how the interpreter
+    tests run the kernels with the GPU's block sizes: one definition for the launcher and the tests.
 
     Under the interpreter every program runs as numpy on the CPU, so small blocks keep the tests fast
     and still cross several block boundaries on short odd lengths. The GPU numbers are a starting
@@ -345,16 +349,33 @@ def _launch_config(pass_name, head_dim, dtype):
     are kept in flight in shared memory, so fp32 (twice the bytes) gets smaller tiles. Time them with
     bench/bench_attention.py before trusting them.
     """
-    if _interpreting():
+    if _interpreting() if interpreting is None else interpreting:
         return dict(BLOCK_M=16, BLOCK_N=16)
-    big = dtype == torch.float32
+    # Measured without a GPU by tests/test_kernels_compile.py (ptxas for sm_80 and sm_90; the table is in
+    # bench/RESULTS.md). A register spill goes to local memory, i.e. to L1/L2 and HBM: it costs far
+    # more than a smaller tile, so every setting below is the first one found with no spill on both
+    # targets. Changed on 2026-11-28 from the first guess (fp32: fwd 64x32, bwd 32x32 with 2 stages;
+    # fp16/bf16 bwd 64x64 at every head dim), which spilled:
+    # - fp32 forward 64x32 spilled at hs 64 and 128 (up to 772 bytes on sm_90): now 32x64 on 8 warps.
+    # - fp32 backward spilled 0.4-7 KiB in dK/dV. fp32 matmuls do not use tensor cores (ieee fp32, see
+    #   _dot); with num_stages=2 ptxas often kept ~32 registers and moved the tiles to local memory.
+    #   One stage (no prefetch of the next q / dO tile), 8 warps and 16x16 tiles fix it (32x32 still
+    #   spilled 4 bytes in dQ at hs=64 on sm_80).
+    # - fp16/bf16 dK/dV at hs=128 spilled 8-12 bytes on sm_80: a dK/dV program keeps four (BLOCK_N, hs)
+    #   tiles (k, v and the fp32 dk, dv) in registers, so BLOCK_N=32 halves its largest load; the
+    #   pipelining (num_stages=2) stays.
+    # The forward's fp16/bf16 setting did not spill and is unchanged. No spill is not the same as fast:
+    # bench/gpu_check.sh times these on a GPU.
+    fp32 = dtype == torch.float32
     if pass_name == "fwd":
+        if fp32:
+            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
         # e.g. hs=128, bf16: q tile 128*128*2 = 32 KiB + 3 stages * (k, v) 2*64*128*2 = 96 KiB.
-        return dict(BLOCK_M=64 if big else 128, BLOCK_N=32 if big else 64,
-                    num_warps=8 if head_dim == 128 else 4, num_stages=2 if big else 3)
-    # Backward programs hold two fp32 accumulators (dk and dv, or dq) plus two input tiles, so
-    # smaller tiles and more warps for the largest head dim keep them in registers.
-    return dict(BLOCK_M=32 if big else 64, BLOCK_N=32 if big else 64,
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim == 128 else 4, num_stages=3)
+    # Backward programs hold two fp32 accumulators (dk and dv, or dq) plus two input tiles.
+    if fp32:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=32 if head_dim == 128 else 64,
                 num_warps=8 if head_dim == 128 else 4, num_stages=2)
 
 

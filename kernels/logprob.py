@@ -20,13 +20,27 @@ Read in this order:
   3. from hidden states and the LM head, never holding all (N, V) logits: linear_logprobs_reference,
      _LinearLogProbs (chunks + part 1's kernels), _linear_logprobs_torch (chunks + checkpoint),
      linear_logprobs
-  4. token_logprobs, token_kl: the one place where the training scripts choose kernel or reference
+  4. _use_kernel, the one place that chooses the kernels or the PyTorch path (impl="auto" | "triton" |
+     "torch"), for linear_logprobs (train_ppo.py's log-probs) and for token_logprobs and token_kl, the
+     entry points for callers that already hold the (N, V) logits (train_ppo.py's exact KL metric)
 
 Shapes: logits (N, V) -- callers flatten (B, T, V) with logits.reshape(-1, V) -- targets int64 (N,),
 hidden (N, C), LM-head weight (V, C). Inputs fp32, fp16 or bf16; all math in fp32; outputs fp32;
-gradients come back in the dtype of the input they belong to. Logits must be finite: a -inf logit gives
-an entropy term 0 * -inf = nan, in the reference too. temperature divides the logits before the softmax,
-exactly as sampling did, so log-probs score the tokens under the distribution they were drawn from.
+gradients come back in the dtype of the input they belong to. temperature divides the logits before
+the softmax, exactly as sampling did, so log-probs score the tokens under the distribution they were
+drawn from.
+
+Masked vocabularies: a logit may be -inf (or so negative that logit / temperature overflows to -inf,
+e.g. torch.finfo(dtype).min at a temperature below 1). That token has p = 0, and kernels and references
+agree on the limits:
+  - entropy and KL terms of a token with p = 0 are 0 (0 log 0 = 0), and every gradient stays finite;
+  - a target whose logit is -inf has logp = -inf, with the finite gradient (onehot - p) / tau;
+  - a row whose every logit is -inf has no distribution: logp = -inf, entropy 0, KL 0, zero gradient;
+  - KL(p || q) is +inf when a token with a finite logit under p has a -inf logit under q. That row has
+    no finite gradient to follow: it gets zero gradient (the +inf value is what shows the problem).
++inf and nan logits are not checked (that would need a GPU->CPU sync on every call): their rows come
+out nan. From hidden states (part 3) the logits are a matmul of finite numbers, so none of this arises
+unless the weights themselves are not finite.
 
 References: the online softmax of Milakov & Gimelshein 2018 ("Online normalizer calculation for
 softmax", arXiv:1805.02867); the layout follows Liger-Kernel's ops/cross_entropy.py and
@@ -35,20 +49,11 @@ fused_linear_cross_entropy.py, without their in-place overwrite of the caller's 
 
 import os
 import warnings
-from types import SimpleNamespace
 
 import torch
+import triton
+import triton.language as tl
 from torch.utils.checkpoint import checkpoint
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # e.g. macOS: the PyTorch paths below still work and the kernels are never launched
-    HAVE_TRITON = False
-    triton = SimpleNamespace(jit=lambda fn: fn)  # lets the kernel definitions below import
-    tl = SimpleNamespace(constexpr=None)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,16 +68,30 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #     = log d - (1/d) sum_j exp(s_j - m) (s_j - m)  =  log d - w / d
 
 
+def _log_softmax_rows(logits, temperature):
+    """log_softmax(logits / temperature) (N, V) fp32, and empty (N,) bool: the rows whose every logit is
+    -inf. Such a row has no distribution, and log_softmax would give -inf - -inf = nan in the forward
+    and the backward; here it becomes a row of zeros (finite, uniform), and the callers overwrite what
+    that row returns, which also gives it zero gradient."""
+    scaled = logits.float() / temperature  # (N, V) 4NV bytes (8NV while a bf16 input's fp32 copy lives)
+    empty = scaled.detach().amax(dim=-1) == float("-inf")  # (N,)
+    scaled.masked_fill_(empty[:, None], 0.0)  # in place: our own copy, and no second (N, V) tensor
+    return torch.log_softmax(scaled, dim=-1), empty  # (N, V) 4NV bytes, kept for the backward
+
+
 def logprobs_reference(logits, targets, temperature=1.0):
     """(logp (N,), entropy (N,)) in fp32: log_softmax(logits / temperature) gathered at targets, and
-    the entropy of each row. The definition the kernels must match; the memory of each line is noted
-    for logits (N, V), and the backward allocates as much again for the gradients."""
-    scaled = logits.float() / temperature  # (N, V) 4NV bytes (8NV while a bf16 input's fp32 copy lives)
-    logp_all = torch.log_softmax(scaled, dim=-1)  # (N, V) 4NV bytes, kept for the backward
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    the entropy of each row. The definition the kernels must match, -inf logits included (see the
+    module docstring); the memory of each line is noted for logits (N, V), and the backward allocates
+    as much again for the gradients."""
+    logp_all, empty = _log_softmax_rows(logits, temperature)  # (N, V), (N,)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,) -inf at a -inf target logit
     p = logp_all.exp()  # (N, V) 4NV bytes, kept for the backward
-    entropy = -(p * logp_all).sum(dim=-1)  # (N,) through a 4NV-byte temporary
-    return logp, entropy
+    # 0 log 0 = 0, the limit: a token with p = 0 adds nothing, where p * log p would be 0 * -inf = nan
+    # (torch.where, not a product with a mask: its backward sends no 0 * inf into the gradient).
+    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(dim=-1)  # (N,) through ~9NV bytes of temporaries
+    # A row with no finite logit: logp -inf, entropy 0, and (masked_fill) zero gradient.
+    return logp.masked_fill(empty, float("-inf")), entropy.masked_fill(empty, 0.0)
 
 
 @triton.jit
@@ -98,34 +117,45 @@ def _logprobs_fwd_kernel(
     # program_id is int32, so the pointer arithmetic would wrap around to another row.
     row_ptr = logits_ptr + row * V
 
-    # The running max starts at the row's first logit, not at -inf: any value of the row will do, since
-    # after the last block m is the true max either way, and a finite start spares the first block
-    # -inf - -inf and 0 * -inf, which are nan.
-    m = tl.load(row_ptr).to(tl.float32) / temperature
+    # The sums are kept relative to `shift`: the running max m, or 0 while m is still -inf (every logit
+    # so far -inf, i.e. masked). Shifting by -inf would give exp(-inf - -inf) = nan; shifting by 0
+    # gives exp(-inf) = 0, which counts nothing. Once a finite logit is seen, d >= 1 (the max itself
+    # adds exp(0) = 1), so d > 0 says "this row has a distribution".
+    m = float("-inf")
+    shift = 0.0
     d = 0.0
     w = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-        mask = cols < V  # the last block sticks out past V unless V is a multiple of BLOCK_V
-        s = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        # -inf in the padding (the last block sticks out past V unless V is a multiple of BLOCK_V):
+        # a padded column is then exactly a masked token, which adds nothing.
+        s = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(s - m_new)  # (BLOCK_V,) exp(-inf) = 0 in the padding
-        shifted = tl.where(mask, s - m_new, 0.0)  # (BLOCK_V,) 0, not -inf, in the padding: 0 * -inf = nan
-        w = alpha * (w + (m - m_new) * d) + tl.sum(e * shifted, axis=0)
+        shift_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift_new)  # 0 while m = -inf: nothing to rescale yet
+        e = tl.exp(s - shift_new)  # (BLOCK_V,) exactly 0 for a -inf logit
+        # p_j log p_j -> 0 as p_j -> 0: a token with e = 0 adds 0 to w, not 0 * -inf = nan
+        shifted = tl.where(e > 0.0, s - shift_new, 0.0)  # (BLOCK_V,)
+        w = alpha * (w + (shift - shift_new) * d) + tl.sum(e * shifted, axis=0)
         d = alpha * d + tl.sum(e, axis=0)
         m = m_new
+        shift = shift_new
 
+    # A row with no finite logit (d = 0) has no distribution: logp -inf, entropy 0 and, in the
+    # backward, zero gradient. log_d = log 0 = -inf is saved for the backward to recognise it.
+    has_mass = d > 0.0
     log_d = tl.log(d)
     y = tl.load(targets_ptr + row)
     # An out-of-range target would read another row's memory; we read nothing and return nan instead.
     # (Rejecting it in the host wrapper would need targets.max().item(), a GPU->CPU sync every call.)
     s_y = tl.load(row_ptr + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32) / temperature
-    tl.store(logp_ptr + row, (s_y - m) - log_d)
-    tl.store(entropy_ptr + row, log_d - w / d)
+    # (s_y - m) - log d is -inf for a -inf target logit, as it should be. With no mass it would be
+    # -inf + inf = nan, so we take s_y itself: -inf (every logit is), or nan for an out-of-range target.
+    tl.store(logp_ptr + row, tl.where(has_mass, (s_y - shift) - log_d, s_y))
+    tl.store(entropy_ptr + row, tl.where(has_mass, log_d - w / tl.where(has_mass, d, 1.0), 0.0))
     # The backward rebuilds log p_j = (s_j - m) - log d from these two; saving lse = m + log d alone
     # would make it compute s_j - lse, again a difference of two numbers of size 1e4 for large logits.
-    tl.store(row_max_ptr + row, m)
+    tl.store(row_max_ptr + row, shift)  # the max, or 0 for a row with no finite logit
     tl.store(row_log_d_ptr + row, log_d)
 
 
@@ -154,21 +184,26 @@ def _logprobs_bwd_kernel(
     m = tl.load(row_max_ptr + row)
     log_d = tl.load(row_log_d_ptr + row)
     H = tl.load(entropy_ptr + row)
-    g_logp = tl.load(grad_logp_ptr + row)
-    g_H = tl.load(grad_entropy_ptr + row)
+    # A row with no finite logit (log d = -inf, see the forward) gets zero gradient; log d = 0 there
+    # keeps the arithmetic below free of -inf - -inf.
+    has_mass = log_d > float("-inf")
+    log_d = tl.where(has_mass, log_d, 0.0)
+    g_logp = tl.where(has_mass, tl.load(grad_logp_ptr + row), 0.0)
+    g_H = tl.where(has_mass, tl.load(grad_entropy_ptr + row), 0.0)
     y = tl.load(targets_ptr + row)
 
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
         mask = cols < V
-        s = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) / temperature
-        # The padding is computed but never stored; setting it to m keeps exp() below finite there
-        # (with 0, a row of logits near -1e4 would give exp(1e4) = inf).
-        s = tl.where(mask, s, m)
-        log_p = (s - m) - log_d
+        # -inf in the padding, as in the forward: p = 0 there (computed, never stored).
+        s = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        log_p = (s - m) - log_d  # (BLOCK_V,) -inf for a -inf logit
         p = tl.exp(log_p)
         onehot = tl.where(cols == y, 1.0, 0.0)
-        grad = (g_logp * (onehot - p) - g_H * p * (log_p + H)) / temperature
+        # p_j (log p_j + H) -> 0 as p_j -> 0: a -inf logit gets 0, not 0 * -inf = nan. (A -inf target
+        # keeps its finite g_logp * (1 - 0): d logp_y / d z_y = 1 - p_y whatever p_y is.)
+        p_log_p_H = tl.where(p > 0.0, p * (log_p + H), 0.0)  # (BLOCK_V,)
+        grad = (g_logp * (onehot - p) - g_H * p_log_p_H) / temperature
         tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -178,8 +213,11 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch_config(V):
+def _launch_config(V, interpreting=None):
     """BLOCK_V and num_warps for the row kernels.
+
+    interpreting=None reads TRITON_INTERPRET; False gives the GPU configuration whatever the variable
+    says (tests/test_kernels_compile.py compiles it, the interpreter tests run its block size).
 
     Under the interpreter every program runs as numpy on the CPU, so small blocks keep the tests fast
     and still cross block boundaries (V = 1000 is 4 blocks of 256, the last one 232 wide; V = 257 is
@@ -190,7 +228,7 @@ def _launch_config(V):
     on 16-byte boundaries, so Triton emits one load per element (still coalesced across a warp); when
     V % 16 == 0 (e.g. a vocabulary padded to 50304) it emits 16-byte vector loads, 8x fewer for bf16.
     """
-    if _interpreting():
+    if _interpreting() if interpreting is None else interpreting:
         return dict(BLOCK_V=min(256, triton.next_power_of_2(V)))
     block_v = min(4096, triton.next_power_of_2(V))
     return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 4096 else 4)
@@ -230,9 +268,7 @@ def _check_logits_targets(logits, targets, temperature, name):
 
 
 def _check_kernel_device(tensor, name):
-    """The extra conditions of the Triton path: triton installed, and CUDA tensors (or the interpreter)."""
-    if not HAVE_TRITON:
-        raise ValueError(f"{name}: triton is not installed; use impl='torch' (the PyTorch reference)")
+    """The extra condition of the Triton path: CUDA tensors (or the interpreter)."""
     if not tensor.is_cuda and not _interpreting():
         raise ValueError(f"{name}: the Triton kernels need CUDA tensors; to run them on the CPU (slowly, "
                          "for tests) set TRITON_INTERPRET=1 before importing triton, or use impl='torch'")
@@ -304,10 +340,19 @@ def logprobs_triton(logits, targets, temperature=1.0):
 
 
 def kl_reference(logits_p, logits_q, temperature=1.0):
-    """KL(softmax(logits_p / tau) || softmax(logits_q / tau)) per row, (N,) fp32."""
-    logp = torch.log_softmax(logits_p.float() / temperature, dim=-1)  # (N, V)
-    logq = torch.log_softmax(logits_q.float() / temperature, dim=-1)  # (N, V)
-    return (logp.exp() * (logp - logq)).sum(dim=-1)  # (N,)
+    """KL(softmax(logits_p / tau) || softmax(logits_q / tau)) per row, (N,) fp32, -inf logits included
+    (see the module docstring: +inf where q forbids a token p allows, 0 for a p with no finite logit)."""
+    with torch.no_grad():  # (N,) rows where some token has s_j > -inf = t_j; bool (N, V) temporaries
+        q_forbids = ((logits_p.float() / temperature > float("-inf"))
+                     & (logits_q.float() / temperature == float("-inf"))).any(dim=-1)
+    logp, empty_p = _log_softmax_rows(logits_p, temperature)  # (N, V), (N,)
+    logq, _ = _log_softmax_rows(logits_q, temperature)  # (N, V); its empty rows are in q_forbids
+    p = logp.exp()  # (N, V)
+    # p_j (log p_j - log q_j) -> 0 as p_j -> 0: a token p forbids adds nothing (not 0 * -inf = nan). A
+    # token q forbids is left out too (an inf here would make the backward 0 * inf = nan) and sets the
+    # row to +inf below; masked_fill also gives those rows zero gradient, as in the kernel.
+    kl = (p * torch.where((p > 0) & (logq > float("-inf")), logp - logq, 0.0)).sum(dim=-1)  # (N,)
+    return kl.masked_fill(q_forbids, float("inf")).masked_fill(empty_p, 0.0)
 
 
 @triton.jit
@@ -317,48 +362,61 @@ def _kl_fwd_kernel(
     V, temperature,
     BLOCK_V: tl.constexpr,
 ):
-    # One program per row, one pass over both rows, online as in _logprobs_fwd_kernel. Moving the maxima
-    # from (m_p, m_q) to (mp_new, mq_new) turns every old term (s_j - m_p) - (t_j - m_q) into
-    # (s_j - mp_new) - (t_j - mq_new) = old term + (m_p - mp_new) + (mq_new - m_q), and every old weight
-    # exp(s_j - m_p) into alpha_p exp(s_j - m_p). So:
-    #   w <- alpha_p (w + ((m_p - mp_new) + (mq_new - m_q)) d_p)
-    #        + sum_block exp(s_j - mp_new) ((s_j - mp_new) - (t_j - mq_new))
+    # One program per row, one pass over both rows, online as in _logprobs_fwd_kernel, with the sums of
+    # p kept relative to shift_p (the max of s, or 0 while it is -inf) and those of q to shift_q. Moving
+    # the shifts from (shift_p, shift_q) to (sp_new, sq_new) turns every old term
+    # (s_j - shift_p) - (t_j - shift_q) into (s_j - sp_new) - (t_j - sq_new)
+    # = old term + (shift_p - sp_new) + (sq_new - shift_q), and every old weight exp(s_j - shift_p)
+    # into alpha_p exp(s_j - shift_p). So:
+    #   w <- alpha_p (w + ((shift_p - sp_new) + (sq_new - shift_q)) d_p)
+    #        + sum_block exp(s_j - sp_new) ((s_j - sp_new) - (t_j - sq_new))
     # Everything is shift-free, so two rows offset by +1e4 and -1e4 give a KL as precise as unshifted ones.
+    # A token with t_j = -inf where s_j > -inf makes the KL +inf: it is counted in `q_forbids` and left
+    # out of w (inf in w could meet alpha_p = 0 later, and 0 * inf = nan).
     row = tl.program_id(0).to(tl.int64)  # int64: row * V overflows int32 at N = 65536, V = 50257
     p_row_ptr = logits_p_ptr + row * V
     q_row_ptr = logits_q_ptr + row * V
 
-    # the running maxima start at the first logits (finite, see _logprobs_fwd_kernel)
-    m_p = tl.load(p_row_ptr).to(tl.float32) / temperature
-    m_q = tl.load(q_row_ptr).to(tl.float32) / temperature
+    m_p = float("-inf")  # running maxima of s and t
+    m_q = float("-inf")
+    shift_p = 0.0
+    shift_q = 0.0
     d_p = 0.0
     d_q = 0.0
     w = 0.0
+    q_forbids = 0.0  # how many tokens p allows and q forbids
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-        mask = cols < V
+        mask = cols < V  # -inf in the padding: a masked token in both rows
         s = tl.load(p_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
         t = tl.load(q_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
         mp_new = tl.maximum(m_p, tl.max(s, axis=0))
         mq_new = tl.maximum(m_q, tl.max(t, axis=0))
-        alpha_p = tl.exp(m_p - mp_new)
-        alpha_q = tl.exp(m_q - mq_new)
-        e_p = tl.exp(s - mp_new)  # (BLOCK_V,) 0 in the padding
-        # 0, not -inf, in the padding: -inf - -inf and 0 * -inf are nan
-        diff = tl.where(mask, s - mp_new, 0.0) - tl.where(mask, t - mq_new, 0.0)  # (BLOCK_V,)
-        shift = (m_p - mp_new) + (mq_new - m_q)
-        w = alpha_p * (w + shift * d_p) + tl.sum(e_p * diff, axis=0)
+        sp_new = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+        sq_new = tl.where(mq_new == float("-inf"), 0.0, mq_new)
+        alpha_p = tl.exp(m_p - sp_new)  # 0 while m_p = -inf
+        alpha_q = tl.exp(m_q - sq_new)
+        e_p = tl.exp(s - sp_new)  # (BLOCK_V,) 0 for a -inf logit
+        both = (e_p > 0.0) & (t > float("-inf"))  # (BLOCK_V,) the terms of w; 0 * -inf = nan elsewhere
+        diff = tl.where(both, s - sp_new, 0.0) - tl.where(both, t - sq_new, 0.0)  # (BLOCK_V,)
+        q_forbids += tl.sum(tl.where((s > float("-inf")) & (t == float("-inf")), 1.0, 0.0), axis=0)
+        w = alpha_p * (w + ((shift_p - sp_new) + (sq_new - shift_q)) * d_p) + tl.sum(e_p * diff, axis=0)
         d_p = alpha_p * d_p + tl.sum(e_p, axis=0)
-        d_q = alpha_q * d_q + tl.sum(tl.exp(t - mq_new), axis=0)
+        d_q = alpha_q * d_q + tl.sum(tl.exp(t - sq_new), axis=0)
         m_p = mp_new
         m_q = mq_new
+        shift_p = sp_new
+        shift_q = sq_new
 
+    # log d = -inf marks a row with no finite logit, for the backward
     log_d_p = tl.log(d_p)
     log_d_q = tl.log(d_q)
-    tl.store(kl_ptr + row, w / d_p - log_d_p + log_d_q)
-    tl.store(max_p_ptr + row, m_p)
+    has_p = d_p > 0.0
+    kl = tl.where(has_p, w / tl.where(has_p, d_p, 1.0) - log_d_p + log_d_q, 0.0)  # 0 when p has no mass
+    tl.store(kl_ptr + row, tl.where(q_forbids > 0.0, float("inf"), kl))
+    tl.store(max_p_ptr + row, shift_p)
     tl.store(log_d_p_ptr + row, log_d_p)
-    tl.store(max_q_ptr + row, m_q)
+    tl.store(max_q_ptr + row, shift_q)
     tl.store(log_d_q_ptr + row, log_d_q)
 
 
@@ -386,22 +444,27 @@ def _kl_bwd_kernel(
     log_d_q = tl.load(log_d_q_ptr + row)
     kl = tl.load(kl_ptr + row)
     g = tl.load(grad_kl_ptr + row)
+    # Zero gradient for a row whose KL is +inf or whose p has no finite logit (the module docstring).
+    # Such a row may compute nan below (inf - inf, -inf - -inf); the tl.where(live, ...) discards it
+    # (g = 0 alone would not: 0 * nan = nan).
+    live = (kl < float("inf")) & (log_d_p > float("-inf"))
 
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
         mask = cols < V
-        s = tl.load(p_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) / temperature
-        t = tl.load(q_row_ptr + cols, mask=mask, other=0.0).to(tl.float32) / temperature
-        s = tl.where(mask, s, m_p)  # finite padding, as in _logprobs_bwd_kernel
-        t = tl.where(mask, t, m_q)
-        log_p = (s - m_p) - log_d_p
-        log_q = (t - m_q) - log_d_q
+        # -inf in the padding, as in the forward (computed, never stored)
+        s = tl.load(p_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        t = tl.load(q_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        log_p = (s - m_p) - log_d_p  # (BLOCK_V,) -inf for a -inf logit
+        log_q = (t - m_q) - log_d_q  # (BLOCK_V,)
         p = tl.exp(log_p)
         if NEED_GRAD_P:
-            grad_p = g * p * (log_p - log_q - kl) / temperature
+            # p_k (log p_k - log q_k - KL) -> 0 as p_k -> 0: 0, not 0 * -inf = nan, for a -inf logit
+            term = tl.where(p > 0.0, p * (log_p - log_q - kl), 0.0)  # (BLOCK_V,)
+            grad_p = tl.where(live, g * term / temperature, 0.0)
             tl.store(grad_p_ptr + row * V + cols, grad_p.to(grad_p_ptr.dtype.element_ty), mask=mask)
         if NEED_GRAD_Q:
-            grad_q = g * (tl.exp(log_q) - p) / temperature
+            grad_q = tl.where(live, g * (tl.exp(log_q) - p) / temperature, 0.0)
             tl.store(grad_q_ptr + row * V + cols, grad_q.to(grad_q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -599,7 +662,10 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, i
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The one place where scripts choose kernel or reference
+# 4. The one place that chooses the kernels or the PyTorch path, and the entry points on (N, V) logits
+#
+# _use_kernel decides for linear_logprobs (part 3, train_ppo.py's log-probs) and for token_logprobs and
+# token_kl below, which take logits a caller already holds (train_ppo.py's exact per-token KL metric).
 
 IMPLS = ("auto", "triton", "torch")
 _warned_reference = False  # the fallback warning is printed once per process
@@ -608,21 +674,22 @@ _warned_reference = False  # the fallback warning is printed once per process
 def _use_kernel(tensor, impl, name):
     """True for the Triton path, False for the PyTorch one.
 
-    "auto" takes Triton when the tensor is on CUDA and triton imports; everything else (the CPU, or no
-    triton) runs the reference and says so once. The interpreter is a correctness tool, far too slow to
-    be chosen by "auto": the tests ask for it with impl="triton".
+    "auto" takes Triton when the tensor is on CUDA; on any other device it takes the PyTorch path
+    (logprobs_reference, kl_reference, or linear_logprobs' chunked one) and says so once per process.
+    The interpreter is a correctness tool, far too slow to be chosen by "auto": the tests ask for it
+    with impl="triton".
     """
     global _warned_reference
     if impl not in IMPLS:
         raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl == "triton"
-    if HAVE_TRITON and tensor.is_cuda:
+    if tensor.is_cuda:
         return True
     if not _warned_reference:
-        reason = "triton is not installed" if not HAVE_TRITON else f"the tensors are on {tensor.device}"
-        warnings.warn(f"kernels.logprob: {reason}, so the PyTorch reference path is used (it holds several "
-                      "fp32 (N, V) tensors); pass impl='torch' to choose it explicitly", stacklevel=3)
+        warnings.warn(f"kernels.logprob: {name} got tensors on {tensor.device}, so the PyTorch path is "
+                      "used (the Triton kernels need CUDA); pass impl='torch' to choose it explicitly",
+                      stacklevel=3)
         _warned_reference = True
     return False
 

@@ -1,11 +1,13 @@
 """Tests for kernels/flash_attention.py: the Triton kernels against attention_reference.
 
 Everything runs on the CPU under TRITON_INTERPRET=1 (the interpreter executes each Triton program as
-numpy), which is slow, so the shapes are small but odd: lengths that are not multiples of the 16-wide
-interpreter blocks, so every masked edge is crossed. The reference is evaluated in float64 on the same
-inputs; each dtype gets its own tolerance.
+numpy; with TRITON_INTERPRET=0 and a GPU the same tests run the compiled kernels on CUDA), which is
+slow, so the shapes are small but odd: lengths that are not multiples of the 16-wide interpreter
+blocks, so every masked edge is crossed; then once more with the GPU's block sizes. The reference is
+evaluated in float64 on the same inputs; each dtype gets its own tolerance.
 """
 
+import functools
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
@@ -14,7 +16,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import flash_attention as fa
 from kernels.flash_attention import attention_reference, flash_attention
+
+# Under TRITON_INTERPRET=1 (tests/conftest.py sets it unless told otherwise) the kernels run as numpy on
+# CPU tensors. With TRITON_INTERPRET=0 on a machine with a GPU (bench/gpu_check.sh) the same tests run
+# the compiled kernels on CUDA tensors. The inputs are made on the CPU either way (same seeds, same
+# numbers) and moved to DEVICE in _check_against_reference.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETING else "cuda"
+if not INTERPRETING and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device: nothing can run the kernels",
+                allow_module_level=True)
 
 # fp32: the interpreter multiplies in exact fp32, so only summation order differs from float64.
 # fp16 / bf16: inputs, P and dS are rounded to 10 / 7 mantissa bits before each matmul (as on the
@@ -36,7 +49,10 @@ def _random_inputs(seed, B, nh, Tq, Tk, hs, dtype):
 
 
 def _check_against_reference(q, k, v, do, causal, kv_start=None, sm_scale=None):
-    """Forward and all three gradients of flash_attention vs the float64 reference on the same inputs."""
+    """Forward and all three gradients of flash_attention vs the float64 reference on the same inputs,
+    on DEVICE. Returns the output and dq, on the CPU."""
+    q, k, v, do = (t.to(DEVICE) for t in (q, k, v, do))
+    kv_start = None if kv_start is None else kv_start.to(DEVICE)
     inputs_before = [t.clone() for t in (q, k, v, do)]
 
     q1, k1, v1 = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -55,7 +71,7 @@ def _check_against_reference(q, k, v, do, causal, kv_start=None, sm_scale=None):
         torch.testing.assert_close(ours.double(), ref, **tol, msg=lambda m: f"{name}: {m}")
     for before, after in zip(inputs_before, (q, k, v, do)):
         assert torch.equal(before, after), "an input was modified"
-    return o, q1.grad
+    return o.cpu(), q1.grad.cpu()
 
 
 @pytest.mark.parametrize("seed, Tq, Tk, hs, causal", [
@@ -126,6 +142,42 @@ def test_non_contiguous_inputs_and_sm_scale():
 
 
 # ----------------------------------------------------------------------------------------------------
+# The GPU's block sizes, under the interpreter
+#
+# The tests above run the interpreter's 16x16 blocks. On a GPU _launch_config picks other sizes, with
+# BLOCK_M != BLOCK_N in places (128x64 in the fp16/bf16 forward, 32x64 in the fp32 one, 64x32 in the
+# fp16/bf16 backward at hs=128): a bug that mixes the two up, such as a causal loop bound computed
+# from BLOCK_N instead of BLOCK_M, passes every 16x16 test. So every kernel runs here with exactly the
+# GPU's launch configuration for each dtype and head dim, on short odd shapes that cross those blocks.
+
+
+@pytest.fixture
+def gpu_launch_config(monkeypatch):
+    """Make the launchers use _launch_config(..., interpreting=False), the GPU's settings (num_warps and
+    num_stages come along; the interpreter ignores them)."""
+    monkeypatch.setattr(fa, "_launch_config", functools.partial(fa._launch_config, interpreting=False))
+
+
+GPU_BLOCK_SHAPES = [  # (Tq, Tk, causal, kv_start): 130 = 128 + 2 = 2 * 64 + 2 = 4 * 32 + 2
+    (130, 130, True, None),  # training / prefill
+    (130, 130, False, [3, 129]),  # left padding; sequence 1 has a single key
+    (1, 130, True, [0, 120]),  # one decoding step with a KV cache
+    (70, 130, True, [0, 65]),  # chunked prefill: queries at positions 60..129
+    (40, 130, False, None),
+]
+
+
+@pytest.mark.parametrize("hs", fa.SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_launch_configuration_matches_reference(gpu_launch_config, dtype, hs):
+    assert "num_warps" in fa._launch_config("fwd", hs, dtype)  # the GPU's settings, not the interpreter's
+    for seed, (Tq, Tk, causal, kv_start) in enumerate(GPU_BLOCK_SHAPES):
+        q, k, v, do = _random_inputs(60 + seed, 2, 2, Tq, Tk, hs, dtype)
+        kv_start = None if kv_start is None else torch.tensor(kv_start)
+        _check_against_reference(q, k, v, do, causal, kv_start=kv_start)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The reference itself, against PyTorch (no Triton involved)
 
 
@@ -159,8 +211,9 @@ def test_reference_empty_rows_are_zero_without_nan():
 # Unsupported inputs are refused before any kernel runs
 
 def _qkv(Tq=8, Tk=8, hs=32, dtype=torch.float32):
-    return torch.randn(2, 2, Tq, hs, dtype=dtype), torch.randn(2, 2, Tk, hs, dtype=dtype), \
-        torch.randn(2, 2, Tk, hs, dtype=dtype)
+    def randn(T):
+        return torch.randn(2, 2, T, hs, dtype=dtype, device=DEVICE)
+    return randn(Tq), randn(Tk), randn(Tk)
 
 
 @pytest.mark.parametrize("make_args, message", [

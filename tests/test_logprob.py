@@ -1,7 +1,9 @@
-"""kernels/logprob.py against its PyTorch references, under the Triton interpreter on CPU tensors.
+"""kernels/logprob.py against its PyTorch references, under the Triton interpreter on CPU tensors (or,
+with TRITON_INTERPRET=0 and a GPU, the compiled kernels on CUDA tensors).
 
 Values and gradients on odd vocabularies (not a multiple of the block), temperatures 1 and 0.7, logits
-offset by +-1e4, fp32 / fp16 / bf16 each with its own tolerance; the chunked linear variant against
+offset by +-1e4, masked (-inf) logits, fp32 / fp16 / bf16 each with its own tolerance, with the
+interpreter's small blocks and with the GPU's BLOCK_V; the chunked linear variant against
 log_softmax(h @ W.T / tau) written out here; the impl switch; the errors for unsupported inputs.
 """
 
@@ -9,6 +11,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: it decides at import time
 
+import functools
 import math
 import warnings
 import zlib
@@ -27,6 +30,21 @@ from kernels.logprob import (
     token_kl,
     token_logprobs,
 )
+
+# Under TRITON_INTERPRET=1 (tests/conftest.py sets it unless told otherwise) the kernels run as numpy on
+# CPU tensors. With TRITON_INTERPRET=0 on a machine with a GPU (bench/gpu_check.sh) the same tests run
+# the compiled kernels on CUDA tensors. Inputs are made on the CPU either way (same seeds, same
+# numbers) and moved to DEVICE; results come back to the CPU for the checks.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETING else "cuda"
+if not INTERPRETING and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is not 1 and there is no CUDA device: nothing can run the kernels",
+                allow_module_level=True)
+
+# The interpreter runs the kernels as numpy, which warns about arithmetic the kernels do on purpose:
+# nan in lanes that a tl.where then discards (the padding past V, 0 * -inf at masked tokens), log(0) =
+# -inf for a row with no finite logit, finfo.min / 0.7 overflowing to -inf. A GPU does not warn.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 # Inputs keep their dtype and both sides compute in fp32 from the same values, so the forward outputs
 # agree to fp32 rounding for every dtype. The gradients are rounded to the input dtype at the end:
@@ -52,19 +70,29 @@ def _logits(N, V, dtype, gen, scale=3.0):
     return (torch.randn(N, V, generator=gen) * scale).to(dtype).requires_grad_()  # (N, V)
 
 
+def _on_device(x):
+    """x on DEVICE, a leaf that requires grad as x did (x itself when it is already there, so a strided
+    view stays strided); anything that is not a tensor unchanged."""
+    if not isinstance(x, torch.Tensor) or x.device.type == DEVICE:
+        return x
+    return x.detach().to(DEVICE).requires_grad_(x.requires_grad)
+
+
 def _value_and_grads(fn, inputs, gen):
     """Outputs of fn(*inputs) (a tensor or a tuple of (N,) tensors), and the gradients of a random
-    weighted sum of them wrt each input (None for inputs without requires_grad)."""
+    weighted sum of them wrt each input (None for inputs without requires_grad); on the CPU."""
+    inputs = [_on_device(x) for x in inputs]
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    loss = sum((torch.randn(o.shape, generator=gen) * o).sum() for o in outs)
+    loss = sum((torch.randn(o.shape, generator=gen).to(o.device) * o).sum() for o in outs)
     needs_grad = [isinstance(x, torch.Tensor) and x.requires_grad for x in inputs]
     grads = iter(torch.autograd.grad(loss, [x for x, n in zip(inputs, needs_grad) if n]))
-    return [o.detach() for o in outs], [next(grads) if n else None for n in needs_grad]
+    return [o.detach().cpu() for o in outs], [next(grads).cpu() if n else None for n in needs_grad]
 
 
 def _compare(fn, fn_ref, inputs, params, value_tol, grad_tol):
-    """fn and fn_ref agree on the outputs and on the gradients of the same random loss; returns fn's."""
+    """fn and fn_ref agree on the outputs and on the gradients of the same random loss, on DEVICE;
+    returns fn's, on the CPU."""
     outs, grads = _value_and_grads(fn, inputs, _generator("loss", *params))
     outs_ref, grads_ref = _value_and_grads(fn_ref, inputs, _generator("loss", *params))
     for out, out_ref in zip(outs, outs_ref):
@@ -97,9 +125,9 @@ def test_logprobs_matches_reference(V, temperature, dtype):
 def test_logprobs_fp16_and_strided_input():
     gen = _generator("fp16")
     N, V = 6, 300
-    wide = torch.randn(N, V + 7, generator=gen).half()  # (N, V + 7)
+    wide = torch.randn(N, V + 7, generator=gen).half().to(DEVICE)  # (N, V + 7)
     logits = wide[:, :V].requires_grad_()  # (N, V) a view whose rows are V + 7 apart
-    targets = torch.randint(0, V, (N,), generator=gen)
+    targets = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
     _compare(logprobs_triton, logprobs_reference, (logits, targets, 0.7), ("fp16",),
              VALUE_TOL, GRAD_TOL[torch.float16])
 
@@ -134,21 +162,108 @@ def test_uniform_logits_by_hand(impl):
     # Equal logits c: p = 1/V, so logp = -log V and H = log V whatever c and tau, and
     # d logp_y / dz_j = (onehot_j(y) - 1/V) / tau.
     N, V, tau = 3, 300, 0.7
-    logits = torch.full((N, V), 1e4).requires_grad_()
-    targets = torch.tensor([0, 150, 299])
+    logits = torch.full((N, V), 1e4, device=DEVICE).requires_grad_()
+    targets = torch.tensor([0, 150, 299], device=DEVICE)
     logp, entropy = token_logprobs(logits, targets, tau, impl=impl)
-    torch.testing.assert_close(logp, torch.full((N,), -math.log(V)))
-    torch.testing.assert_close(entropy, torch.full((N,), math.log(V)))
+    torch.testing.assert_close(logp.cpu(), torch.full((N,), -math.log(V)))
+    torch.testing.assert_close(entropy.cpu(), torch.full((N,), math.log(V)))
     logp.sum().backward()  # entropy unused: its upstream gradient is zero
-    expected = (torch.nn.functional.one_hot(targets, V) - 1.0 / V) / tau  # (N, V)
-    torch.testing.assert_close(logits.grad, expected)
+    expected = (torch.nn.functional.one_hot(targets.cpu(), V) - 1.0 / V) / tau  # (N, V)
+    torch.testing.assert_close(logits.grad.cpu(), expected)
 
 
 def test_out_of_range_target_gives_nan():
     # The kernel does not read past the row: it returns nan (the host cannot check without a sync).
-    logits = torch.randn(3, 100)
-    logp, entropy = logprobs_triton(logits, torch.tensor([100, -1, 7]))
+    logits = torch.randn(3, 100, device=DEVICE)
+    logp, entropy = logprobs_triton(logits, torch.tensor([100, -1, 7], device=DEVICE))
     assert logp[:2].isnan().all() and torch.isfinite(logp[2]) and torch.isfinite(entropy).all()
+
+
+# Masked vocabularies: -inf logits, or torch.finfo(dtype).min, which / 0.7 overflows to -inf in fp32.
+MASKS = [  # (dtype, mask value, temperature)
+    (torch.float32, float("-inf"), 1.0),
+    (torch.bfloat16, float("-inf"), 0.7),
+    (torch.float32, "finfo.min", 0.7),
+    (torch.bfloat16, "finfo.min", 0.7),
+]
+
+
+def _masked_logits(N, V, dtype, mask_value, gen):
+    """(N, V) random logits and the bool (N, V) positions to mask, set to mask_value."""
+    logits = torch.randn(N, V, generator=gen) * 3  # (N, V)
+    masked = torch.zeros(N, V, dtype=torch.bool)  # (N, V)
+    masked[1, ::2] = True  # every other token
+    masked[2, :300] = True  # the first 256-wide interpreter block entirely (the max starts at -inf)
+    masked[3, :-1] = True  # all but the last token: p = 1 there, entropy 0
+    masked[4, 7] = True  # the target of this row (see _MASKED_TARGETS): logp = -inf
+    masked[5, :] = True  # every token: a row with no distribution
+    masked[6, 10:20] = True  # a few
+    value = torch.finfo(dtype).min if mask_value == "finfo.min" else mask_value
+    return logits.masked_fill(masked, value).to(dtype).requires_grad_(), masked
+
+
+_MASKED_TARGETS = [3, 5, 301, 599, 7, 0, 12]  # row 6: 12 is masked too; logp -inf there
+
+
+@pytest.mark.parametrize("dtype, mask_value, temperature", MASKS)
+def test_logprobs_with_masked_logits(dtype, mask_value, temperature):
+    params = ("masked", dtype, mask_value, temperature)
+    gen = _generator(*params)
+    logits, masked = _masked_logits(7, 600, dtype, mask_value, gen)
+    targets = torch.tensor(_MASKED_TARGETS)
+    inputs = (logits, targets, temperature)
+    (logp, entropy), (grad, *_) = _compare(logprobs_triton, logprobs_reference, inputs, params, VALUE_TOL,
+                                           GRAD_TOL[dtype])
+    assert torch.isfinite(grad).all()  # both sides (_compare checked that they agree)
+    target_masked = masked[torch.arange(7), targets]
+    assert (logp[target_masked] == float("-inf")).all() and torch.isfinite(logp[~target_masked]).all()
+    assert torch.isfinite(entropy).all()
+    assert entropy[3] == 0 and logp[3] == 0  # one token left: p = 1
+    assert entropy[5] == 0 and (grad[5] == 0).all()  # no distribution: entropy 0, no gradient
+    # A masked token gets exactly 0, except a masked target in a row that has a distribution:
+    # d logp_y / d z_y = (1 - p_y) / tau with p_y = 0.
+    is_target = torch.nn.functional.one_hot(targets, 600).bool()  # (N, V)
+    is_target[5] = False  # row 5 has no distribution (checked above)
+    assert (grad[masked & ~is_target] == 0).all() and (grad[masked & is_target] != 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_masked_logits_by_hand(impl):
+    # k equal logits, the rest -inf: p = 1/k on the k tokens, so logp = -log k, H = log k, and
+    # d logp_y / dz_j = (onehot_j(y) - 1/k) / tau on them, 0 on the masked tokens, except at a masked
+    # target: d logp_y / d z_y = 1 - p_y = 1 (its logp is -inf).
+    V, k, tau = 300, 10, 0.7
+    logits = torch.full((3, V), float("-inf"))
+    logits[:, 100:100 + k] = 2.0
+    logits = logits.to(DEVICE).requires_grad_()
+    targets = torch.tensor([100, 105, 7], device=DEVICE)  # row 2: a masked target
+    logp, entropy = token_logprobs(logits, targets, tau, impl=impl)
+    logp, entropy = logp.cpu(), entropy.cpu()
+    torch.testing.assert_close(logp[:2], torch.full((2,), -math.log(k)))
+    assert logp[2] == float("-inf")
+    torch.testing.assert_close(entropy, torch.full((3,), math.log(k)))
+    # the -inf logp is left out of the loss (its gradient is still finite, but -inf * 0 = nan)
+    (logp[:2].sum() + entropy.sum()).backward()
+    # entropy's gradient -p_j (log p_j + H) / tau is 0 here (log p_j = -log k = -H on the support)
+    expected = torch.zeros(3, V)
+    expected[:, 100:100 + k] = -1.0 / k / tau
+    expected[0, 100] += 1 / tau
+    expected[1, 105] += 1 / tau
+    expected[2] = 0.0  # row 2's logp is not in the loss, and its entropy gradient is 0
+    torch.testing.assert_close(logits.grad.cpu(), expected)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_masked_target_gradient_is_finite(impl):
+    logits = torch.randn(2, 300, generator=_generator("masked target", impl))
+    logits[:, 7] = float("-inf")
+    logits = logits.to(DEVICE).requires_grad_()
+    logp, _ = token_logprobs(logits, torch.tensor([7, 8], device=DEVICE), impl=impl)
+    assert logp[0] == float("-inf")
+    logp.sum().backward()  # d logp_y / dz = onehot_y - p, with p_y = 0
+    p = torch.softmax(logits.detach().cpu(), dim=-1)  # (2, V)
+    expected = torch.nn.functional.one_hot(torch.tensor([7, 8]), 300) - p
+    torch.testing.assert_close(logits.grad.cpu(), expected)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,21 +299,106 @@ def test_kl_extreme_logits_and_reference_without_grad():
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_kl_of_equal_logits_is_zero(impl):
-    logits = torch.randn(4, 257, generator=_generator("kl zero")) * 3
+    logits = (torch.randn(4, 257, generator=_generator("kl zero")) * 3).to(DEVICE)
     kl = token_kl(logits, logits.clone(), impl=impl)
-    torch.testing.assert_close(kl, torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(kl.cpu(), torch.zeros(4), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, mask_value, temperature", MASKS)
+def test_kl_with_masked_logits(dtype, mask_value, temperature):
+    params = ("kl masked", dtype, mask_value, temperature)
+    gen = _generator(*params)
+    N, V = 7, 600
+    logits_p, masked_p = _masked_logits(N, V, dtype, mask_value, gen)
+    # q masks the same tokens as p in rows 0-3, fewer in row 4 (finite KL), more in row 6 (tokens p
+    # allows: KL = +inf); row 5 of p has no finite logit (KL 0); row 0 of q none at all (+inf) is below.
+    masked_q = masked_p.clone()
+    masked_q[4] = False
+    masked_q[6, 5:25] = True
+    value = torch.finfo(dtype).min if mask_value == "finfo.min" else mask_value
+    logits_q = (logits_p.detach().float() + torch.randn(N, V, generator=gen))  # (N, V)
+    logits_q = logits_q.masked_fill(masked_q, value)
+    logits_q[0] = value  # q has no distribution where p has one: +inf
+    logits_q = logits_q.to(dtype).requires_grad_()
+    (kl,), (grad_p, grad_q, _) = _compare(kl_triton, kl_reference, (logits_p, logits_q, temperature), params,
+                                          VALUE_TOL, GRAD_TOL[dtype])
+    assert kl[0] == float("inf") and kl[6] == float("inf") and kl[5] == 0
+    assert torch.isfinite(kl[[1, 2, 3, 4]]).all() and (kl[[1, 2, 4]] > 0).all()
+    torch.testing.assert_close(kl[3], torch.tensor(0.0), atol=1e-6, rtol=0)  # both: one token, p = q = 1
+    assert torch.isfinite(grad_p).all() and torch.isfinite(grad_q).all()
+    # rows with KL = +inf or no distribution under p get no gradient
+    assert (grad_p[[0, 5, 6]] == 0).all() and (grad_q[[0, 5, 6]] == 0).all()
+    assert (grad_p[masked_p] == 0).all()  # p_k = 0: dKL/ds_k = p_k (...) = 0
+
+
+def test_kl_with_masked_logits_by_hand():
+    # p uniform on tokens 0..3, q uniform on 0..7 (the rest -inf): KL = sum_j 1/4 log((1/4) / (1/8)) = log 2.
+    logits_p = torch.full((1, 300), float("-inf"))
+    logits_p[0, :4] = 1.0
+    logits_q = torch.full((1, 300), float("-inf"))
+    logits_q[0, :8] = -3.0
+    for impl in ("triton", "torch"):
+        kl = token_kl(logits_p.to(DEVICE), logits_q.to(DEVICE), impl=impl)
+        torch.testing.assert_close(kl.cpu(), torch.tensor([math.log(2)]))
 
 
 def test_kernels_do_not_modify_inputs():
     gen = _generator("inputs")
-    logits = _logits(4, 300, torch.bfloat16, gen)
-    other = _logits(4, 300, torch.bfloat16, gen)
-    targets = torch.randint(0, 300, (4,), generator=gen)
+    logits = _on_device(_logits(4, 300, torch.bfloat16, gen))
+    other = _on_device(_logits(4, 300, torch.bfloat16, gen))
+    targets = torch.randint(0, 300, (4,), generator=gen).to(DEVICE)
     before = [logits.detach().clone(), other.detach().clone(), targets.clone()]
     logp, entropy = logprobs_triton(logits, targets)
     (logp.sum() + entropy.sum() + kl_triton(logits, other).sum()).backward()
     for x, x0 in zip((logits, other, targets), before):
         assert torch.equal(x.detach(), x0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU's block size, under the interpreter
+#
+# The tests above run the interpreter's blocks of at most 256 columns. On a GPU a row of V = 50257 is
+# 13 blocks of 4096, the last one 1105 wide; here the kernels run with exactly that configuration.
+
+
+@pytest.fixture
+def gpu_launch_config(monkeypatch):
+    """Make the launchers use _launch_config(V, interpreting=False): the GPU's BLOCK_V (and num_warps,
+    which the interpreter ignores)."""
+    gpu_config = functools.partial(logprob._launch_config, interpreting=False)
+    monkeypatch.setattr(logprob, "_launch_config", gpu_config)
+
+
+@pytest.mark.parametrize("V", [50257, 1000])  # 13 blocks of 4096; one block of 1024 with 24 padded columns
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_launch_configuration_matches_reference(gpu_launch_config, dtype, V):
+    assert logprob._launch_config(V)["BLOCK_V"] == min(4096, 1 << (V - 1).bit_length())
+    params = ("gpu blocks", dtype, V)
+    gen = _generator(*params)
+    N, tau = 4, 0.7
+    base = torch.randn(N, V, generator=gen) * 3  # (N, V)
+    base[1, : V // 2 + 7] = float("-inf")  # masked tokens across whole blocks, and a block boundary
+    base[2, ::3] = float("-inf")
+    base[3] += 1e4
+    logits = base.to(dtype).requires_grad_()
+    targets = torch.tensor([0, V - 1, 1, V // 2])
+    _compare(logprobs_triton, logprobs_reference, (logits, targets, tau), params, dict(atol=1e-4, rtol=1e-5),
+             GRAD_TOL[dtype])
+    logits_q = (base + torch.randn(N, V, generator=gen)).to(dtype).requires_grad_()
+    _compare(kl_triton, kl_reference, (logits, logits_q, tau), params, dict(atol=1e-3, rtol=1e-5),
+             GRAD_TOL[dtype])
+
+
+def test_gpu_launch_configuration_linear(gpu_launch_config):
+    params = ("gpu blocks linear",)
+    gen = _generator(*params)
+    N, C, V = 6, 16, 50257
+    hidden = torch.randn(N, C, generator=gen).requires_grad_()  # (N, C)
+    weight = (torch.randn(V, C, generator=gen) / C**0.5).requires_grad_()  # (V, C)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    _compare(lambda *x: linear_logprobs(*x, 0.7, chunk_size=4, impl="triton"),
+             lambda *x: linear_logprobs_reference(*x, 0.7), (hidden, weight, targets), params, VALUE_TOL,
+             dict(atol=1e-5, rtol=1e-4))  # grad hidden sums 50257 fp32 products, in a different order
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,7 +437,7 @@ def test_linear_logprobs_under_autocast(impl):
     hidden = torch.randn(N, C, generator=gen).bfloat16().requires_grad_()  # (N, C)
     weight = (torch.randn(V, C, generator=gen) / C**0.5).requires_grad_()  # (V, C) fp32
     targets = torch.randint(0, V, (N,), generator=gen)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         _compare(lambda *x: linear_logprobs(*x, chunk_size=4, impl=impl), linear_logprobs_reference,
                  (hidden, weight, targets), params, VALUE_TOL, BF16_MATMUL_GRAD_TOL)
 
@@ -260,9 +460,9 @@ def _saved_bytes(fn):
 def test_linear_logprobs_keeps_no_logits(impl):
     gen = _generator("memory", impl)
     N, C, V = 64, 8, 257
-    hidden = torch.randn(N, C, generator=gen).requires_grad_()  # (N, C)
-    weight = torch.randn(V, C, generator=gen).requires_grad_()  # (V, C)
-    targets = torch.randint(0, V, (N,), generator=gen)
+    hidden = torch.randn(N, C, generator=gen).to(DEVICE).requires_grad_()  # (N, C)
+    weight = torch.randn(V, C, generator=gen).to(DEVICE).requires_grad_()  # (V, C)
+    targets = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
     reference = _saved_bytes(lambda: linear_logprobs_reference(hidden, weight, targets))
     chunked = _saved_bytes(lambda: linear_logprobs(hidden, weight, targets, chunk_size=16, impl=impl))
     assert reference >= 2 * N * V * 4  # the measurement sees the fp32 (N, V) tensors when they are kept
@@ -283,7 +483,7 @@ def test_auto_on_cpu_uses_reference_and_warns_once(monkeypatch):
     gen = _generator("auto")
     logits = torch.randn(4, 50, generator=gen)
     targets = torch.randint(0, 50, (4,), generator=gen)
-    with pytest.warns(UserWarning, match="PyTorch reference path is used"):
+    with pytest.warns(UserWarning, match="PyTorch path is used"):
         logp, entropy = token_logprobs(logits, targets, 0.7)
     logp_ref, entropy_ref = logprobs_reference(logits, targets, 0.7)
     assert torch.equal(logp, logp_ref) and torch.equal(entropy, entropy_ref)

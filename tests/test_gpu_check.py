@@ -1,0 +1,100 @@
+"""bench/gpu_check.py, the one command for the day a GPU is lent, checked on the CPU: its report layout
+(through --dry-run, which runs the same code paths tiny under the Triton interpreter), its argument
+errors, and the stage-script flags it uses. The dry run's pipeline section takes minutes on two cores,
+so it is left out here (`bash bench/gpu_check.sh --dry-run` runs it); its flags are checked against
+each script's --help instead.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+HEADINGS = ["## 1. Kernel tests on CUDA", "## 2. Attention", "## 3. Per-token log-prob",
+            "## 4. Fused LM-head variant", "## 5. Pipeline"]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "bench/gpu_check.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_dry_run_writes_every_section(tmp_path):
+    report = tmp_path / "report.md"
+    proc = _run("--dry-run", "--sections", "tests,attention,logprob", "--out", str(report))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    positions = [text.find(h) for h in HEADINGS]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), text
+    for line in ("- mode: DRY RUN", "- date: ", "- command: ", "- device: CPU", "- versions: torch ", "- git commit: "):
+        assert line in text
+    sections = dict(zip(HEADINGS, text.split("\n## ")[1:]))
+    assert "**PASS**" in sections["## 1. Kernel tests on CUDA"]  # the selected tests ran and passed
+    for heading in HEADINGS[1:4]:  # each measured section has its table and no goal verdict on dry-run figures
+        assert "| --- |" in sections[heading] and "**PASS**" not in sections[heading]
+        assert "**FAIL**" not in sections[heading]
+    assert "| 48 | 1 | 2 | 64 | fwd |" in sections["## 2. Attention"]  # the dry run's attention shapes
+    assert "| triton |" in sections["## 3. Per-token log-prob"]
+    assert "| linear chunked |" in sections["## 4. Fused LM-head variant"]
+    # what did not run says so: the unselected pipeline, the goal shape a dry run never reaches
+    assert "not measured: not selected" in sections["## 5. Pipeline"]
+    assert "T = 2048: not measured" in sections["## 2. Attention"]
+    assert "Traceback" not in text and "failed with" not in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--dry-run", "--sections", "tests,nope"], "--sections: unknown section nope"),
+    (["--dry-run", "--sections", ","], "--sections: unknown section (none given)"),
+    (["--dry-run", "--out", "/nonexistent-folder/report.md"], "--out: folder /nonexistent-folder does not exist"),
+    (["--dry-run", "--out", "."], "is a folder"),
+    (["--dry-run", "extra"], "unrecognized arguments: extra"),
+])
+def test_bad_arguments_give_one_error_line(args, message):
+    proc = _run(*args, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check.py: error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the full run is allowed here")
+def test_full_run_without_a_gpu_is_refused():
+    proc = _run("--sections", "tests", "--out", "/tmp/unused-report.md", timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("gpu_check.py: error: no CUDA device here; on a machine without a GPU run it "
+                                   "with --dry-run")
+
+
+def _script_flags(script):
+    """Every --flag in `python script --help`."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120).stdout
+    return set(re.findall(r"(--[a-z_]+)", out))
+
+
+def test_pipeline_uses_only_flags_the_scripts_have():
+    # The scripts' flags change; stage_commands is the one place that names them.
+    flags = {}
+    for tiny in (True, False):
+        for _, argv in gpu_check.stage_commands("OUT", "cpu", "triton", "triton", tiny):
+            script = argv[0]
+            flags.setdefault(script, _script_flags(script))
+            used = {a for a in argv[1:] if a.startswith("--")}
+            assert used <= flags[script], f"{script} has no {sorted(used - flags[script])}"
+
+
+def test_throughput_reads_every_per_second_figure(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "gen_tokens_per_s": 10.0, "loss": 1.0}, {"step": 2, "gen_tokens_per_s": 30.0},
+               {"step": 3, "gen_tokens_per_s": 20.0, "train_tokens_per_s": 5.0}]
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert gpu_check._throughput(metrics) == "gen_tokens_per_s 20; train_tokens_per_s 5"
+    assert gpu_check._throughput(tmp_path / "missing.jsonl") == "not measured: no metrics.jsonl"
