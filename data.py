@@ -145,7 +145,7 @@ def read_jsonl(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -252,7 +252,8 @@ def load_preferences(path):
             info, summaries, choice = obj.get("info"), obj.get("summaries"), obj.get("choice")
             if (not isinstance(info, dict) or not isinstance(summaries, list) or len(summaries) != 2
                     or choice not in (0, 1) or isinstance(choice, bool)):
-                raise DataError(f"{path}:{lineno}: a TL;DR comparison needs 'info', two 'summaries' and 'choice' 0 or 1")
+                raise DataError(f"{path}:{lineno}: a TL;DR comparison needs 'info', two 'summaries' and 'choice' "
+                                "0 or 1")
             _fields(path, lineno, info, ("subreddit", "title", "post"))
             for s in summaries:
                 if not isinstance(s, dict):

@@ -330,7 +330,8 @@ class GPT(nn.Module):
         device = self.transformer.wte.weight.device
         B, Tp = len(prompts), max(len(p) for p in prompts)
         if Tp + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds block_size={self.config.block_size}")
+            raise ValueError(f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"block_size={self.config.block_size}")
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         tokens = torch.full((B, Tp + max_new_tokens), eos_id, dtype=torch.long, device=device)
         attention_mask = torch.zeros(B, Tp + max_new_tokens, dtype=torch.long, device=device)
@@ -406,7 +407,8 @@ def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, s
     for start in range(0, len(prompt_ids), batch_size):
         tokens, _, answer_mask = model.generate(prompt_ids[start : start + batch_size], max_new_tokens, eos_id,
                                                 temperature=temperature, seed=seed + start)
-        answers += [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+        answers += [[t for t, keep in zip(row, mask) if keep]
+                    for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
     return answers
 
 
@@ -584,7 +586,8 @@ def load_gpt2_weights(folder, attn_impl="auto"):
         if key.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()
         if tensor.shape != ours[key].shape:
-            raise LoadError(f"{folder}: '{name}' has shape {tuple(tensor.shape)}, config.json implies {tuple(ours[key].shape)}")
+            raise LoadError(f"{folder}: '{name}' has shape {tuple(tensor.shape)}, config.json implies "
+                            f"{tuple(ours[key].shape)}")
         loaded[key] = tensor
     if config.tie_word_embeddings:
         loaded["lm_head.weight"] = loaded.get("transformer.wte.weight")  # one matrix, often stored once

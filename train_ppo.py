@@ -45,7 +45,10 @@ from model import (
     PolicyWithValue, check_sampling, last_token_index, load_checkpoint, model_from_checkpoint, policy_from_checkpoint,
     save_checkpoint,
 )
-from training import MetricsLog, Progress, autocast, batch_indices, check, check_out_dir, check_positive, flag, parse_args, pick_device, run
+from training import (
+    MetricsLog, Progress, autocast, batch_indices, check, check_choice, check_finite, check_out_dir, check_positive,
+    check_seed, flag, parse_args, pick_device, run,
+)
 
 
 @dataclass
@@ -55,15 +58,18 @@ class Config:
     out_dir: str = flag("out/ppo", "folder for ckpt.pt, metrics.jsonl and samples.jsonl")
     sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the initial policy and the frozen reference")
     reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it)")
-    data: str = flag("default", "'default' for the built-in task's prompts, or a JSONL with prompts (any of the data formats)")
+    data: str = flag("default", "'default' for the built-in task's prompts, or a JSONL with prompts (any of the data "
+                     "formats)")
     n_prompts: int = flag(4000, "built-in task: training prompts drawn (with repeats) from its train split")
-    iterations: int = flag(40, "PPO iterations: each one a rollout, then ppo_epochs of updates on it")
+    iterations: int = flag(150, "PPO iterations: each one a rollout, then ppo_epochs of updates on it")
     prompts_per_iter: int = flag(32, "prompts per rollout")
     samples_per_prompt: int = flag(2, "answers sampled per prompt (more comparisons of the same prompt per rollout)")
     max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
     max_new_tokens: int = flag(24, "longest answer; an answer cut here has no EOS and pays eos_penalty")
-    temperature: float = flag(1.0, "sampling temperature; the log-probs use the same one (the policy is softmax(z / T))")
-    kl_coef: float = flag(0.1, "weight of the per-token KL penalty against the reference (the initial value if adaptive_kl)")
+    temperature: float = flag(1.0, "sampling temperature; the log-probs use the same one (the policy is "
+                              "softmax(z / T))")
+    kl_coef: float = flag(0.1, "weight of the per-token KL penalty against the reference (the initial value if "
+                          "adaptive_kl)")
     adaptive_kl: bool = flag(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, section 2.2)")
     target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats")
     kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over")
@@ -77,11 +83,11 @@ class Config:
     clip_eps: float = flag(0.2, "policy ratio clip range")
     clip_value: float = flag(0.2, "value clip range around the rollout's values (its own coefficient, not clip_eps)")
     vf_coef: float = flag(0.5, "weight of the value loss")
-    lr: float = flag(1e-4, "learning rate of policy and value head (constant)")
+    lr: float = flag(2e-4, "learning rate of policy and value head (constant)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
-    eval_interval: int = flag(5, "evaluate on held-out prompts and checkpoint every this many iterations")
+    eval_interval: int = flag(10, "evaluate on held-out prompts and checkpoint every this many iterations")
     eval_prompts: int = flag(256, "held-out prompts for the eval (gold score on the built-in task), sampled with a "
-                             "fixed seed so that every eval of a run (and of runs with the same --seed) sees the same draws")
+                             "fixed seed: every eval of a run (and of runs with the same --seed) uses the same draws")
     sample_interval: int = flag(10, "write a few (prompt, answer, reward, gold) samples every this many iterations")
     logprob_impl: str = flag("auto", "per-token log-probs: 'auto' (Triton on CUDA), 'triton' or 'torch' (reference)")
     seed: int = flag(1337, "seed for prompt order and sampling")
@@ -95,7 +101,8 @@ def check_config(cfg):
     check_positive(cfg, "n_prompts", "iterations", "prompts_per_iter", "samples_per_prompt", "max_new_tokens",
                    "ppo_epochs", "minibatch_size", "lr", "eval_interval", "eval_prompts", "sample_interval",
                    "kl_horizon", "target_kl")
-    check(cfg.temperature > 0, f"--temperature must be > 0: PPO's log-probs are those of softmax(z / T), got {cfg.temperature}")
+    check(cfg.temperature > 0,
+          f"--temperature must be > 0: PPO's log-probs are those of softmax(z / T), got {cfg.temperature}")
     check_sampling(cfg.temperature)
     check(cfg.kl_coef >= 0 and cfg.eos_penalty >= 0 and cfg.vf_coef >= 0 and cfg.grad_clip >= 0,
           "--kl_coef, --eos_penalty, --vf_coef and --grad_clip must be >= 0")
@@ -105,8 +112,9 @@ def check_config(cfg):
     check(cfg.minibatch_size <= cfg.prompts_per_iter * cfg.samples_per_prompt,
           f"--minibatch_size {cfg.minibatch_size} is larger than a rollout "
           f"({cfg.prompts_per_iter} prompts x {cfg.samples_per_prompt} samples)")
-    check(cfg.logprob_impl in LOGPROB_IMPLS, f"--logprob_impl {cfg.logprob_impl!r}: use one of {', '.join(LOGPROB_IMPLS)}")
-    check(cfg.attn_impl in ("auto", "triton", "sdpa", "naive"), f"--attn_impl {cfg.attn_impl!r}: use auto, triton, sdpa or naive")
+    check_choice(cfg, "logprob_impl", LOGPROB_IMPLS)
+    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
+    check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
 
 
@@ -281,7 +289,8 @@ def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mas
             score = reward_model(tok, att).float()  # read at the last real token: the answer's EOS
         logp, entropy = action_logprobs(model.policy, hidden, tok, act, cfg.temperature, cfg.logprob_impl)
         logp_ref, _ = action_logprobs(ref, hidden_ref, tok, act, cfg.temperature, cfg.logprob_impl)
-        kl_exact = exact_kl(model.policy, ref, hidden.float(), hidden_ref.float(), act, cfg.temperature, cfg.logprob_impl)
+        kl_exact = exact_kl(model.policy, ref, hidden.float(), hidden_ref.float(), act, cfg.temperature,
+                            cfg.logprob_impl)
         for key, value in zip(out, (logp, entropy, at_actions(values.float(), act), logp_ref, kl_exact, score)):
             out[key].append(value)
     return {key: torch.cat(value) for key, value in out.items()}
@@ -354,7 +363,8 @@ def main(cfg):
         n_eval = min(cfg.eval_prompts, max(1, len(train_prompts) // 10))
         train_prompts, eval_prompts = train_prompts[:-n_eval], train_prompts[-n_eval:]
     if len(train_prompts) < cfg.prompts_per_iter:
-        raise DataError(f"{cfg.data}: {len(train_prompts)} prompts, fewer than --prompts_per_iter {cfg.prompts_per_iter}")
+        raise DataError(f"{cfg.data}: {len(train_prompts)} prompts, fewer than --prompts_per_iter "
+                        f"{cfg.prompts_per_iter}")
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
     train_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in train_prompts]  # tokenized once
     eval_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in eval_prompts]
@@ -362,7 +372,8 @@ def main(cfg):
 
     def evaluate(step):
         # the same held-out prompts and sampling seed at every eval: the curve moves only if the policy does
-        answers, scores, gold = sample_and_score(model, reward_model, tok, eval_prompts, eval_ids, cfg, device, cfg.seed + 7)
+        answers, scores, gold = sample_and_score(model, reward_model, tok, eval_prompts, eval_ids, cfg, device,
+                                                 cfg.seed + 7)
         metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
         if gold is not None:  # no gold judge for outside data
             metrics["eval_gold"] = sum(gold) / len(gold)
@@ -409,7 +420,8 @@ def main(cfg):
             for mb in order.to(device).split(cfg.minibatch_size):
                 mb_mask = action_mask[mb]
                 logp, _, values = policy_forward(model, tokens[mb], attention_mask[mb], mb_mask, cfg)
-                pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask, cfg.clip_eps)
+                pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask,
+                                                                cfg.clip_eps)
                 vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][mb], returns[mb], mb_mask, cfg.clip_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 optimizer.zero_grad(set_to_none=True)
@@ -445,6 +457,8 @@ def main(cfg):
         gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
         if gold is not None:
             record["gold"] = sum(gold) / len(gold)
+        check_finite(record["policy_loss"] + record["value_loss"], f"the PPO loss at iteration {step}",
+                     "lower --lr and start again")
         log.write(record)
         progress.update(step, reward=record["reward"], gold=record.get("gold", float("nan")), kl=record["kl"],
                         clip=record["clip_frac"])

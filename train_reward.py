@@ -41,10 +41,12 @@ import torch.nn.functional as F
 
 import task
 from data import DataError, Tokenizer, Truncation, encode_answer, encode_prompt, load_preferences, pad_batch
-from model import RewardModel, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, sample_answers, save_checkpoint
+from model import (
+    RewardModel, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, sample_answers, save_checkpoint,
+)
 from training import (
-    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_out_dir, check_positive, flag, parse_args,
-    pick_device, run, set_lr, warmup_cosine,
+    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_choice, check_finite, check_out_dir,
+    check_positive, check_seed, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
 )
 
 
@@ -59,17 +61,18 @@ class Config:
     eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
     candidates: str = flag("policy", "built-in task: whose answers the labellers rank, 'policy' (samples of the --sft "
                            "model, as InstructGPT) or 'demonstrator' (the task's own mixed-quality answers)")
-    n_train: int = flag(1500, "built-in task: prompts whose answers are ranked for training")
+    n_train: int = flag(3000, "built-in task: prompts whose answers are ranked for training")
     n_eval: int = flag(256, "built-in task: held-out prompts whose answers are ranked for the eval")
-    k: int = flag(4, "built-in task: answers per prompt; all K*(K-1)/2 pairs of a ranking are used")
-    label_noise: float = flag(1.0, "labeller noise: P(a over b) = sigmoid((gold_a - gold_b) / noise); 0 = always the better")
+    k: int = flag(8, "built-in task: answers per prompt; all K*(K-1)/2 pairs of a ranking are used")
+    label_noise: float = flag(1.0, "labeller noise: P(a over b) = sigmoid((gold_a - gold_b) / noise); 0: always the "
+                              "better one")
     margin_coef: float = flag(0.0, "weight of the score margin (needs a score per answer); 0 = plain Bradley-Terry")
     max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
     max_answer_tokens: int = flag(0, "answers longer than this are cut (0: 1/4 of the block size)")
-    batch_size: int = flag(32, "prompts per step (each with its 2 or K answers)")
-    max_iters: int = flag(300, "optimizer steps")
-    lr: float = flag(5e-4, "peak learning rate (use ~1e-5 for GPT-2 weights)")
-    min_lr: float = flag(5e-5, "learning rate at the end of the cosine decay")
+    batch_size: int = flag(16, "prompts per step (each with its 2 or K answers)")
+    max_iters: int = flag(500, "optimizer steps")
+    lr: float = flag(2e-3, "peak learning rate (use ~1e-5 for GPT-2 weights)")
+    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(20, "linear warmup steps")
     weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
@@ -87,9 +90,11 @@ def check_config(cfg):
     check(cfg.label_noise >= 0 and cfg.margin_coef >= 0, "--label_noise and --margin_coef must be >= 0")
     check(cfg.min_lr >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.warmup_iters >= 0,
           "--min_lr, --weight_decay, --grad_clip and --warmup_iters must be >= 0")
-    check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0, "--max_prompt_tokens and --max_answer_tokens must be >= 0")
-    check(cfg.candidates in ("policy", "demonstrator"), f"--candidates {cfg.candidates!r}: use policy or demonstrator")
-    check(cfg.attn_impl in ("auto", "triton", "sdpa", "naive"), f"--attn_impl {cfg.attn_impl!r}: use auto, triton, sdpa or naive")
+    check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0,
+          "--max_prompt_tokens and --max_answer_tokens must be >= 0")
+    check_choice(cfg, "candidates", ("policy", "demonstrator"))
+    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
+    check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
 
 
@@ -222,13 +227,14 @@ def file_comparisons(records, tok, trunc, where="text"):
 @torch.no_grad()
 def raw_rewards(model, groups, pad_id, batch_size, device):
     """The reward of every answer of the groups before the offset is subtracted."""
+    was_training = model.training
     model.eval()
     rewards = []
     for start in range(0, len(groups), batch_size):
         idx, mask = reward_batch(groups[start : start + batch_size], pad_id, device)
         with autocast(device):
             rewards.append(model(idx, mask).float() + model.offset)
-    model.train()
+    model.train(was_training)
     return torch.cat(rewards)
 
 
@@ -259,10 +265,12 @@ def main(cfg):
     if cfg.data == "default":
         train_groups = task_comparisons(policy, tok, cfg.n_train, "train", cfg.seed + 2, trunc, cfg)
         eval_groups = task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
-        agree = task.label_agreement([{"chosen_score": g["gold"][i], "rejected_score": g["gold"][j]} for g in eval_groups
-                                      for i in range(len(g["answers"])) for j in range(i + 1, len(g["answers"]))])
-        print(f"{cfg.candidates} answers ranked by simulated labellers (noise {cfg.label_noise}) in {time.time() - t0:.0f}s; "
-              f"on held-out pairs the labels agree with the gold judge {agree:.1%} of the time")
+        agree = task.label_agreement([{"chosen_score": g["gold"][i], "rejected_score": g["gold"][j]}
+                                      for g in eval_groups for i in range(len(g["answers"]))
+                                      for j in range(i + 1, len(g["answers"]))])
+        print(f"{cfg.candidates} answers ranked by simulated labellers (noise {cfg.label_noise}) in "
+              f"{time.time() - t0:.0f}s; on held-out pairs the labels agree with the gold judge {agree:.1%} of the "
+              "time")
     else:
         train_records = load_preferences(cfg.data)
         if cfg.eval_data:
@@ -277,7 +285,8 @@ def main(cfg):
     if len(train_groups) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(train_groups)} comparisons, fewer than --batch_size {cfg.batch_size}")
     n_pairs = len(comparison_pairs(train_groups)[0])
-    print(f"data: {len(train_groups)} prompts ({n_pairs} pairs) train, {len(eval_groups)} eval, from {cfg.data}; {trunc.report()}")
+    print(f"data: {len(train_groups)} prompts ({n_pairs} pairs) train, {len(eval_groups)} eval, from {cfg.data}; "
+          f"{trunc.report()}")
 
     # --- model: the SFT transformer, its vocabulary head replaced by the scalar reward head ---
     start_iter = 0
@@ -325,6 +334,7 @@ def main(cfg):
             n = 10 if step % 10 == 0 else step % 10
             means = {k: float(v) / n for k, v in sums.items()}  # a sync point: the means of the last steps
             sums = {k: 0.0 for k in sums}
+            check_finite(means["loss"], f"the training loss at step {step}", "lower --lr and start again")
             record = {"step": step, **means, "lr": lr, "pairs_per_s": pairs_seen / (time.time() - t0)}
             log.write(record)
             progress.update(step, loss=means["loss"], acc=means["accuracy"], pairs_s=f"{record['pairs_per_s']:.0f}")
@@ -341,7 +351,7 @@ def main(cfg):
         own = eval_groups  # held-out prompts, answered by the SFT policy
     else:
         prompts = task.make_prompts(cfg.n_eval, "eval", cfg.seed + 4) if cfg.data == "default" else None
-        prompt_ids = ([encode_prompt(tok, p, trunc) for p in prompts] if prompts else [g["prompt"] for g in eval_groups])
+        prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts] if prompts else [g["prompt"] for g in eval_groups]
         answers = sample_answers(policy, prompt_ids, cfg.max_answer_tokens, tok.eos_id, temperature=1.0, seed=cfg.seed)
         own = [{"prompt": p, "answers": [a]} for p, a in zip(prompt_ids, answers)]
     model.offset.fill_(raw_rewards(model, own, tok.eos_id, cfg.batch_size, device).mean().item())

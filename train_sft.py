@@ -22,14 +22,16 @@ import torch
 import torch.nn.functional as F
 
 import task
-from data import DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch, task_tokenizer
+from data import (
+    DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch, task_tokenizer,
+)
 from model import (
     GPT, LoadError, config_from_preset, load_checkpoint, load_gpt2_weights, policy_from_checkpoint, sample_answers,
     save_checkpoint,
 )
 from training import (
-    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_out_dir, check_positive, flag, parse_args,
-    pick_device, run, set_lr, warmup_cosine,
+    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_choice, check_finite, check_out_dir,
+    check_positive, check_seed, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
 )
 
 IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions
@@ -56,14 +58,14 @@ class Config:
                                   "(0: 1/4 of the block size)")
     batch_size: int = flag(32, "sequences per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step")
-    max_iters: int = flag(800, "optimizer steps")
+    max_iters: int = flag(1200, "optimizer steps")
     lr: float = flag(2e-3, "peak learning rate (use ~2e-5 for GPT-2 weights)")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(30, "linear warmup steps")
     weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     eval_interval: int = flag(200, "evaluate, sample and checkpoint every this many steps")
-    eval_prompts: int = flag(64, "held-out prompts sampled for the gold score (built-in task)")
+    eval_prompts: int = flag(256, "held-out prompts sampled for the gold score (built-in task)")
     temperature: float = flag(1.0, "sampling temperature for the eval samples (1.0: the policy as PPO will see it)")
     seed: int = flag(1337, "seed for the data, the model init and sampling")
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
@@ -79,10 +81,11 @@ def check_config(cfg):
     check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0 and cfg.eval_prompts >= 0,
           "--max_prompt_tokens, --max_answer_tokens and --eval_prompts must be >= 0")
     check(cfg.temperature > 0, f"--temperature must be > 0 for sampled evals, got {cfg.temperature}")
-    check(cfg.vocab in ("auto", "task", "gpt2"), f"--vocab {cfg.vocab!r}: use auto, task or gpt2")
+    check_choice(cfg, "vocab", ("auto", "task", "gpt2"))
     check(cfg.vocab != "task" or cfg.data == "default", "--vocab task only fits --data default (the built-in task)")
     check(cfg.init != "gpt2" or cfg.weights, "--init gpt2 needs --weights DIR, a local Hugging Face GPT-2 folder")
-    check(cfg.attn_impl in ("auto", "triton", "sdpa", "naive"), f"--attn_impl {cfg.attn_impl!r}: use auto, triton, sdpa or naive")
+    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
+    check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
 
 
@@ -188,7 +191,8 @@ def main(cfg):
         eval_prompts = []  # no gold judge for outside data: the eval loss is the measure
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     train = [encode_example(tok, r["prompt"], r["response"], trunc, cfg.data) for r in train_rows]
-    eval_examples = [encode_example(tok, r["prompt"], r["response"], trunc, cfg.eval_data or cfg.data) for r in eval_rows]
+    eval_source = cfg.eval_data or cfg.data
+    eval_examples = [encode_example(tok, r["prompt"], r["response"], trunc, eval_source) for r in eval_rows]
     print(f"data: {len(train)} train and {len(eval_examples)} eval demonstrations from {cfg.data}; {trunc.report()}")
     if len(train) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(train)} training examples, fewer than --batch_size {cfg.batch_size}")
@@ -238,8 +242,10 @@ def main(cfg):
             n = 10 if step % 10 == 0 else step % 10
             loss_value = loss_sum.item() / n  # a sync point: once every 10 steps
             loss_sum.zero_()
+            check_finite(loss_value, f"the training loss at step {step}", "lower --lr and start again")
             tok_s = tokens_seen / (time.time() - t0)
-            log.write({"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s})
+            log.write({"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens_per_s": tok_s})
             progress.update(step, loss=loss_value, lr=lr, tok_s=f"{tok_s:.0f}")
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             metrics, samples = evaluate(model, tok, eval_examples, eval_prompts, cfg, device, cfg.seed + step)

@@ -33,13 +33,24 @@ def flag(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def finite_float(text):
+    """argparse type: a float that is a number (float() also reads "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(config_class, argv=None):
     """Command-line flags from a config dataclass: one --name per field, its help from flag(...).
-    A bad value (`--lr abc`) is argparse's own one-line error and exit code 2."""
+    A bad value (`--lr abc`, `--lr nan`) is argparse's own one-line error and exit code 2."""
     parser = argparse.ArgumentParser(description=config_class.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(config_class):
-        kind = type(f.default)
+        kind = finite_float if type(f.default) is float else type(f.default)
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
@@ -57,6 +68,19 @@ def check(condition, message):
 def check_positive(cfg, *names):
     for name in names:
         check(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+
+
+def check_choice(cfg, name, choices):
+    check(getattr(cfg, name) in choices, f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(choices)}")
+
+
+def check_seed(seed):
+    check(0 <= seed < 2**31, f"--seed must be in [0, 2**31), got {seed}")
+
+
+def check_finite(value, what, fix):
+    """Stop a run whose loss or score is no longer a number, instead of training on NaN silently."""
+    check(math.isfinite(value), f"{what} is {value}; {fix}")
 
 
 def check_out_dir(path):

@@ -19,11 +19,10 @@ measure() is also what bench/gpu_check.py runs; on the CPU (its --dry-run) it ti
 interpreter and PyTorch's CPU attention, which says nothing about a GPU: that only checks the code.
 """
 
-import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `kernels` imports when run as a script
 from kernels.flash_attention import attention_reference, flash_attention  # noqa: E402
+from training import flag, parse_args  # noqa: E402
 
 PASSES = ("fwd", "fwd+bwd", "bwd")  # bwd is derived: (fwd+bwd) - fwd
 IMPLS = ("ours", "sdpa", "naive")
@@ -39,19 +39,11 @@ NAIVE_MAX_T = 4096  # the naive path's (B, nh, T, T) matrices above this do not 
 
 @dataclass
 class Args:
-    quick: bool = field(default=False, metadata={"help": "T up to 2048, head dim 64 only, fewer reps"})
-    nh: int = field(default=16, metadata={"help": "number of heads"})
-    tokens: int = field(default=16384, metadata={"help": "B * T per launch, B = max(1, tokens // T)"})
+    """Fused attention against SDPA (flash backend) and the naive path, TFLOP/s."""
 
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    return Args(**vars(parser.parse_args()))
+    quick: bool = flag(False, "T up to 2048, head dim 64 only, fewer reps")
+    nh: int = flag(16, "number of heads")
+    tokens: int = flag(16384, "B * T per launch, B = max(1, tokens // T)")
 
 
 def sdpa(q, k, v):
@@ -135,7 +127,7 @@ def _time_passes(fn, q, k, v, do, reps):
 
 
 def main():
-    args = parse_args()
+    args = parse_args(Args)
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU (none found); nothing to time.")
         return

@@ -32,7 +32,6 @@ CPU timings would say nothing about the GPU, so timings need a CUDA device.
 measure() is also what bench/gpu_check.py runs, on fewer cases.
 """
 
-import argparse
 import importlib
 import importlib.util
 import os
@@ -41,13 +40,14 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `kernels`
+from training import flag, parse_args  # noqa: E402
 from kernels.logprob import (  # noqa: E402
     linear_logprobs,
     linear_logprobs_reference,
@@ -58,16 +58,17 @@ from kernels.logprob import (  # noqa: E402
 
 @dataclass
 class Args:
-    sizes: str = field(default="", metadata={"help": "comma-separated N (rows = tokens); default "
-                                                     "4096,16384,65536 on CUDA, 1024,4096 on CPU"})
-    dtypes: str = field(default="fp32,bf16", metadata={"help": "comma-separated dtypes: fp32, fp16, bf16"})
-    vocab: int = field(default=50257, metadata={"help": "V, the vocabulary size (GPT-2's)"})
-    n_embd: int = field(default=768, metadata={"help": "C, hidden size of the linear cases (GPT-2 small)"})
-    chunk_size: int = field(default=1024, metadata={"help": "rows of logits per chunk in linear_logprobs"})
-    reps: int = field(default=10, metadata={"help": "timed repetitions per case on CUDA (shows the median)"})
-    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto (cuda when available)"})
-    quick: bool = field(default=False, metadata={"help": "a smoke test: one size (the smallest; 4096 on "
-                                                         "CUDA, 2048 on CPU), the first dtype, 3 reps"})
+    """Per-token log-prob + entropy: our kernels against PyTorch (and TRL), time, GB/s, peak memory."""
+
+    sizes: str = flag("", "comma-separated N (rows = tokens); default 4096,16384,65536 on CUDA, 1024,4096 on CPU")
+    dtypes: str = flag("fp32,bf16", "comma-separated dtypes: fp32, fp16, bf16")
+    vocab: int = flag(50257, "V, the vocabulary size (GPT-2's)")
+    n_embd: int = flag(768, "C, hidden size of the linear cases (GPT-2 small)")
+    chunk_size: int = flag(1024, "rows of logits per chunk in linear_logprobs")
+    reps: int = flag(10, "timed repetitions per case on CUDA (shows the median)")
+    device: str = flag("auto", "cuda, cpu, or auto (cuda when available)")
+    quick: bool = flag(False, "a smoke test: one size (the smallest; 4096 on CUDA, 2048 on CPU), the first "
+                       "dtype, 3 reps")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -330,21 +331,8 @@ def run_cpu(args, sizes, dtypes):
             print()
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
-                                help=f"{f.metadata['help']} (default: {f.default!r})")
-    return Args(**vars(parser.parse_args()))
-
-
 def main():
-    args = parse_args()
+    args = parse_args(Args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     default_sizes = "4096,16384,65536" if device == "cuda" else "1024,4096"
     sizes = [int(n) for n in (args.sizes or default_sizes).split(",")]

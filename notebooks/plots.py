@@ -54,13 +54,13 @@ def plot_runs(ax, runs, log_name, key, label, color, style="-", marker=None):
         return
     many = len(curves) > 1
     for i, (steps, values) in enumerate(curves):
-        ax.plot(steps, values, style, marker=marker, color=color, lw=0.8 if many else 1.5, alpha=0.45 if many else 1.0,
-                label=None if many else label, markersize=3)
+        ax.plot(steps, values, style, marker=marker, color=color, lw=0.8 if many else 1.5,
+                alpha=0.45 if many else 1.0, label=None if many else label, markersize=3)
     if many:
         common = sorted(set.intersection(*(set(s) for s, _ in curves)))
         mean = [sum(dict(zip(s, v))[x] for s, v in curves) / len(curves) for x in common]
-        ax.plot(common, mean, style, marker=marker, color=color, lw=2.2, label=f"{label} (mean of {len(curves)} seeds)",
-                markersize=4)
+        ax.plot(common, mean, style, marker=marker, color=color, lw=2.2,
+                label=f"{label} (mean of {len(curves)} seeds)", markersize=4)
 
 
 def plot_sft(out):
@@ -100,7 +100,8 @@ def plot_reward_model(out):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     plot_runs(ax1, runs, "reward/metrics.jsonl", "accuracy", "train accuracy (noisy labels)", "C0")
     plot_runs(ax1, runs, "reward/metrics.jsonl", "eval_accuracy", "held-out accuracy (noisy labels)", "C1", marker="o")
-    plot_runs(ax1, runs, "reward/metrics.jsonl", "gold_agreement", "held-out agreement with the gold judge", "C2", marker="o")
+    plot_runs(ax1, runs, "reward/metrics.jsonl", "gold_agreement", "held-out agreement with the gold judge", "C2",
+              marker="o")
     ax1.axhline(0.5, color="grey", ls=":", label="chance")
     ax1.set(xlabel="step", ylabel="fraction of pairs", title="reward model", ylim=(0.3, 1.0))
     ax1.legend(fontsize=8)
@@ -109,7 +110,8 @@ def plot_reward_model(out):
     bins = torch.linspace(lo, hi, 30).numpy()
     ax2.hist(r_chosen.numpy(), bins=bins, alpha=0.6, label="preferred by the labeller")
     ax2.hist(r_rejected.numpy(), bins=bins, alpha=0.6, label="rejected")
-    ax2.set(xlabel="reward (SFT answers average 0)", ylabel="answers in held-out pairs", title=f"held-out rewards ({runs[0].name})")
+    ax2.set(xlabel="reward (SFT answers average 0)", ylabel="answers in held-out pairs",
+            title=f"held-out rewards ({runs[0].name})")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -130,14 +132,23 @@ def plot_ppo(out):
     return fig
 
 
+def kl_coef_of(run, name):
+    """The kl_coef a PPO run was trained with (from its checkpoint's arguments), for the legend."""
+    path = Path(run) / name / "ckpt.pt"
+    return load_checkpoint(path, "ppo")["train_args"]["kl_coef"] if path.is_file() else "?"
+
+
 def plot_reward_hacking(out):
     runs = as_runs(out)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for run_name, label, style in (("ppo", "kl_coef 0.1", "-"), ("ppo_nokl", "kl_coef 0", "--")):
-        plot_runs(ax1, runs, f"{run_name}/metrics.jsonl", "eval_reward", f"{label}: reward model", "C0", style, "o")
-        plot_runs(ax1, runs, f"{run_name}/metrics.jsonl", "eval_gold", f"{label}: gold judge", "C2", style, "o")
-        plot_runs(ax2, runs, f"{run_name}/metrics.jsonl", "kl", label, "C3", style)
-    ax1.set(xlabel="iteration", ylabel="mean score, held-out prompts", title="without the KL penalty the reward model is gamed")
+    for run_name, style in (("ppo", "-"), ("ppo_nokl", "--")):
+        label = f"kl_coef {kl_coef_of(runs[0], run_name)}"
+        log = f"{run_name}/metrics.jsonl"
+        plot_runs(ax1, runs, log, "eval_reward", f"{label}: reward model", "C0", style, "o")
+        plot_runs(ax1, runs, log, "eval_gold", f"{label}: gold judge", "C2", style, "o")
+        plot_runs(ax2, runs, log, "kl", label, "C3", style)
+    ax1.set(xlabel="iteration", ylabel="mean score, held-out prompts",
+            title="without the KL penalty the reward model is gamed")
     ax1.legend(fontsize=8)
     ax2.set(xlabel="iteration", ylabel="KL per answer (nats)", title="KL to the reference", yscale="symlog")
     ax2.legend(fontsize=8)

@@ -20,8 +20,8 @@ def sft_run(tmp_path_factory):
     import train_sft
 
     out = tmp_path_factory.mktemp("sft")
-    cfg = train_sft.Config(out_dir=str(out), n_train=4000, n_eval=100, eval_prompts=48, max_iters=150,
-                           eval_interval=150, warmup_iters=10)
+    cfg = train_sft.Config(out_dir=str(out), n_train=4000, n_eval=100, eval_prompts=64, max_iters=300,
+                           eval_interval=300, warmup_iters=10)
     train_sft.main(cfg)
     return out
 
@@ -32,8 +32,8 @@ def reward_run(sft_run, tmp_path_factory):
     import train_reward
 
     out = tmp_path_factory.mktemp("reward")
-    cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=400, n_eval=64,
-                              max_iters=200, eval_interval=200)
+    cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=800, n_eval=64, k=4,
+                              max_iters=150, eval_interval=150)
     model, metrics = train_reward.main(cfg)
     return out, cfg, model, metrics
 

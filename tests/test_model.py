@@ -8,11 +8,12 @@ import torch
 
 from model import (
     GPT, GPTConfig, LoadError, PolicyWithValue, RewardModel, attention_naive, attention_sdpa, config_from_preset,
-    load_checkpoint, load_gpt2_weights, model_from_checkpoint, policy_from_checkpoint, read_safetensors,
-    save_checkpoint, last_token_index,
+    last_token_index, load_checkpoint, load_gpt2_weights, model_from_checkpoint, policy_from_checkpoint,
+    read_safetensors, save_checkpoint,
 )
 
-transformers = pytest.importorskip("transformers", reason="the golden test needs the dev extra (pip install -e '.[dev]')")
+transformers = pytest.importorskip("transformers",
+                                   reason="the golden test needs the dev extra (pip install -e '.[dev]')")
 
 
 def small_hf_config():
@@ -65,7 +66,8 @@ def test_logits_equal_huggingface_gpt2(hf_model, hf_folder, attn_impl):
 def test_safetensors_reader_matches_library(hf_model, tmp_path):
     safetensors = pytest.importorskip("safetensors.torch", reason="installed with transformers by the dev extra")
     hf_model.save_pretrained(tmp_path)
-    ours, theirs = read_safetensors(tmp_path / "model.safetensors"), safetensors.load_file(tmp_path / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    ours, theirs = read_safetensors(path), safetensors.load_file(path)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -83,7 +85,8 @@ def test_loader_errors_name_the_folder_and_files(tmp_path):
 def test_presets_have_gpt2_shapes():
     assert config_from_preset("gpt2").n_embd == 768
     assert GPT(config_from_preset("tiny")).num_params() < 10_000_000
-    sizes = {name: (config_from_preset(name).n_layer, config_from_preset(name).n_embd) for name in ("gpt2-medium", "gpt2-large", "gpt2-xl")}
+    sizes = {name: (config_from_preset(name).n_layer, config_from_preset(name).n_embd)
+             for name in ("gpt2-medium", "gpt2-large", "gpt2-xl")}
     assert sizes == {"gpt2-medium": (24, 1024), "gpt2-large": (36, 1280), "gpt2-xl": (48, 1600)}
     with pytest.raises(LoadError, match="unknown model preset"):
         config_from_preset("gpt5")

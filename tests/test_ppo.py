@@ -9,7 +9,9 @@ import torch
 from conftest import crash_after_first_checkpoint
 import train_ppo
 from model import GPT, GPTConfig, load_checkpoint, policy_from_checkpoint
-from train_ppo import Config, action_logprobs, at_actions, gae, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss
+from train_ppo import (
+    Config, action_logprobs, at_actions, gae, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss,
+)
 
 
 def test_gae_equals_hand_computation():

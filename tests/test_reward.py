@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import task
 import train_reward
 from data import GPT2_EOS, Tokenizer, Truncation
 from model import GPTConfig, LoadError, RewardModel, load_checkpoint, model_from_checkpoint
@@ -49,14 +48,14 @@ def test_reward_batch_ends_each_answer_with_eos_and_the_model_reads_it():
 
 def test_short_run_beats_chance_on_held_out_pairs(reward_run):
     out, cfg, model, metrics = reward_run
-    # The bar. Chance is 0.5 on both measures. The noisy labels are a hard target: they agree with the
-    # gold judge on ~78% of pairs and ~19% of pairs are gold ties (coin flips), so even a perfect copy of
-    # the judge scores only ~0.70 against them. A short run from a 150-step SFT model learns the surface
-    # features (a capital, one final period, no rambling or repetition), which alone agree with the judge
-    # on 74% of the pairs they decide; 0.56 on the labels and 0.6 against the judge say it learned some.
-    assert metrics["eval_accuracy"] > 0.56, metrics
+    # The bar. Chance is 0.5 on both measures. The labels are noisy (they agree with the gold judge on
+    # ~76% of held-out pairs of the policy's answers), so accuracy on them stays low even for a good
+    # reward model; agreement with the judge is the measure that matters. A 150-step run from a 300-step
+    # SFT model reaches ~0.59 on the labels and ~0.66 against the judge (the full pipeline: ~0.65 and
+    # ~0.8-0.85); the bars below say it learned something beyond chance, with room for float noise.
+    assert metrics["eval_accuracy"] > 0.55, metrics
     assert metrics["gold_agreement"] > 0.6, metrics
-    assert metrics["eval_loss"] < math.log(2)
+    assert metrics["eval_loss"] < math.log(2), metrics  # better than the untrained model's coin flip
 
 
 def test_offset_makes_the_sft_answers_average_zero(reward_run, sft_run):
@@ -68,7 +67,8 @@ def test_offset_makes_the_sft_answers_average_zero(reward_run, sft_run):
     sft = load_checkpoint(sft_run / "ckpt.pt", "sft")
     policy = train_reward.policy_from_checkpoint(sft).eval()
     tok = Tokenizer.from_state(sft["tokenizer"])
-    cfg.max_prompt_tokens, cfg.max_answer_tokens = ckpt["train_args"]["max_prompt_tokens"], ckpt["train_args"]["max_answer_tokens"]
+    cfg.max_prompt_tokens = ckpt["train_args"]["max_prompt_tokens"]
+    cfg.max_answer_tokens = ckpt["train_args"]["max_answer_tokens"]
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     own = train_reward.task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
     with torch.no_grad():

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import crash_after_first_checkpoint
 import train_sft
+from conftest import crash_after_first_checkpoint
 from model import GPT, GPTConfig, LoadError, load_checkpoint
 from train_sft import IGNORE, Config, sft_batch, sft_loss
 from training import UsageError, warmup_cosine
@@ -52,9 +52,10 @@ def test_short_run_lowers_eval_loss_and_raises_gold(sft_run):
     evals = [r for r in read_log(sft_run / "metrics.jsonl") if "eval_loss" in r]
     first, last = evals[0], evals[-1]
     assert first["step"] == 0
-    assert last["eval_loss"] < 0.5 * first["eval_loss"]
-    # untrained: random tokens (gold near -2); after SFT: template answers like the demonstrations
-    assert last["gold"] > first["gold"] + 1.0, (first, last)
+    assert last["eval_loss"] < 0.25 * first["eval_loss"], (first, last)  # ~6.9 -> ~1.2 nats/token
+    # untrained: random tokens (gold near -1.5); after 300 steps: answers in the demonstrations' form
+    # (gold ~0.3; the full 1200-step run reaches ~1.6)
+    assert last["gold"] > first["gold"] + 1.2, (first, last)
     ckpt = load_checkpoint(sft_run / "ckpt.pt", "sft")
     assert ckpt["step"] == last["step"] and ckpt["train_args"]["max_iters"] == last["step"]
 
