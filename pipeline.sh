@@ -28,4 +28,5 @@ stage ppo python train_ppo.py --sft "$OUT/sft/ckpt.pt" --reward "$OUT/reward/ckp
 stage ppo_nokl python train_ppo.py --sft "$OUT/sft/ckpt.pt" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo_nokl" \
     --kl_coef 0 --seed "$SEED" "$@"
 stage figures python notebooks/plots.py "$OUT"
+stage report python report.py "$OUT"
 echo "pipeline done in $SECONDS s; figures in $OUT/*.png; stage times in $OUT/times.txt"
