@@ -64,6 +64,8 @@ def main(argv=None):
     numbers = [run_numbers(r) for r in args.runs]
     keys = list(dict.fromkeys(k for n in numbers for k in n))
     names = [Path(r).name for r in args.runs]
+    if len(set(names)) < len(names):  # e.g. runs/t1/seed1 and runs/t2/seed1: say which folder
+        names = ["/".join(Path(r).parts[-2:]) for r in args.runs]
     print("| measure | " + " | ".join(names) + " | mean | min | max |")
     print("| --- " * (len(names) + 4) + "|")
     for key in keys:

@@ -261,3 +261,48 @@ def test_sampling_follows_the_softmax_and_its_filters():
     # top_p=0.5: token 2 alone has p=0.43 < 0.5, so the nucleus is {2, 4}
     assert torch.allclose(freq(sample_next_token(logits, 1.0, top_p=0.5, generator=g)), top2.softmax(-1), atol=0.01)
     assert (sample_next_token(logits, 0) == 2).all()
+
+
+@pytest.mark.parametrize("switch", [dict(tie_word_embeddings=False), dict(scale_attn_weights=False),
+                                    dict(scale_attn_by_inverse_layer_idx=True)])
+def test_config_switches_that_change_the_maths_match_huggingface(tmp_path, switch):
+    """GPT-2 configs that untie the LM head or change the attention scale load with the same logits."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, **switch)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # larger weights, so a missing scale would show in the logits
+            p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    ours = load_gpt2_weights(tmp_path, attn_impl="naive").eval()
+    idx = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() < 1e-4
+    assert ours.lm_head.weight.data_ptr() != ours.transformer.wte.weight.data_ptr() or config.tie_word_embeddings
+
+
+def test_auto_attention_falls_back_to_sdpa_for_head_sizes_the_kernel_lacks(capsys):
+    from model import resolve_attn_impl
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert resolve_attn_impl("auto", cuda, 64) == "triton"
+    assert resolve_attn_impl("auto", cuda, 48) == "sdpa" and resolve_attn_impl("auto", cuda, 48) == "sdpa"
+    assert capsys.readouterr().out.count("using PyTorch's SDPA instead") <= 1  # said once per process
+    assert resolve_attn_impl("auto", torch.device("cpu"), 64) == "sdpa"
+    with pytest.raises(LoadError, match="head sizes"):
+        resolve_attn_impl("triton", cuda, 48)
+
+
+def test_a_save_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    model = tiny_gpt()
+    path = tmp_path / "ckpt.pt"
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model, "sft", 1, {}, {"bpe": "gpt2", "table": None})
+    assert not path.exists() and list(tmp_path.iterdir()) == []
