@@ -47,7 +47,7 @@ from model import (
 )
 from training import (
     MetricsLog, Progress, autocast, batch_indices, check, check_choice, check_finite, check_out_dir, check_positive,
-    check_seed, flag, parse_args, pick_device, run,
+    check_seed, fit_lengths, flag, parse_args, pick_device, run,
 )
 
 
@@ -333,10 +333,7 @@ def main(cfg):
     ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)
     model = PolicyWithValue(sft_policy.config)
     model.policy.load_state_dict(sft_policy.state_dict())
-    cfg.max_prompt_tokens = cfg.max_prompt_tokens or model.config.block_size * 3 // 4
-    check(cfg.max_prompt_tokens + cfg.max_new_tokens <= model.config.block_size,
-          f"--max_prompt_tokens + --max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the "
-          f"model's block_size {model.config.block_size}")
+    fit_lengths(cfg, model.config.block_size, "max_new_tokens")
     model.to(device)
     # dropout is 0 in every config here, but eval() makes sure: PPO's ratio compares log-probs of the
     # sampling policy and the updated policy, and dropout noise would count as a policy change

@@ -46,7 +46,7 @@ from model import (
 )
 from training import (
     MetricsLog, Progress, adamw, autocast, batch_indices, check, check_choice, check_finite, check_out_dir,
-    check_positive, check_seed, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
+    check_positive, check_seed, fit_lengths, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
 )
 
 
@@ -128,6 +128,13 @@ def comparison_pairs(groups):
     return torch.tensor(better), torch.tensor(worse), torch.tensor(gap)
 
 
+def gold_of_pairs(groups):
+    """The gold scores of the two answers of every pair of comparison_pairs(groups): (better, worse)."""
+    better, worse, _ = comparison_pairs(groups)
+    gold = torch.tensor([score for g in groups for score in g["gold"]])
+    return gold[better], gold[worse]
+
+
 def pair_accuracy(r_chosen, r_rejected):
     """1 where the chosen answer gets the higher reward, 0 where the lower, 1/2 for a tie (as a coin
     flip would do: the untrained, zero-initialised head ties every pair)."""
@@ -172,10 +179,7 @@ def evaluate(model, eval_groups, pad_id, cfg, device):
         "reward_rejected_mean": r_r.mean().item(), "reward_rejected_std": r_r.std().item(),
     }
     if all(g.get("gold") for g in eval_groups):
-        gold_c = torch.tensor([g["gold"][i] for g in eval_groups for i in range(len(g["answers"]))
-                               for _ in range(i + 1, len(g["answers"]))])
-        gold_r = torch.tensor([g["gold"][j] for g in eval_groups for i in range(len(g["answers"]))
-                               for j in range(i + 1, len(g["answers"]))])
+        gold_c, gold_r = gold_of_pairs(eval_groups)
         decided = gold_c != gold_r  # gold ties say nothing about order
         sign = torch.where(gold_c > gold_r, 1.0, -1.0)  # orient each pair so the gold judge prefers the first
         metrics["gold_agreement"] = pair_accuracy(sign * r_c, sign * r_r)[decided].mean().item()
@@ -252,12 +256,7 @@ def main(cfg):
     sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
     tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
     policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl).to(device).eval()
-    block = policy.config.block_size
-    cfg.max_prompt_tokens = cfg.max_prompt_tokens or block * 3 // 4
-    cfg.max_answer_tokens = cfg.max_answer_tokens or block // 4
-    check(cfg.max_prompt_tokens + cfg.max_answer_tokens <= block,
-          f"--max_prompt_tokens + --max_answer_tokens = {cfg.max_prompt_tokens + cfg.max_answer_tokens} exceeds the "
-          f"model's block_size {block}")
+    fit_lengths(cfg, policy.config.block_size)
 
     # --- data: comparisons -> groups {prompt ids, answer ids best-first, scores}, tokenized once ---
     t0 = time.time()
@@ -265,9 +264,8 @@ def main(cfg):
     if cfg.data == "default":
         train_groups = task_comparisons(policy, tok, cfg.n_train, "train", cfg.seed + 2, trunc, cfg)
         eval_groups = task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
-        agree = task.label_agreement([{"chosen_score": g["gold"][i], "rejected_score": g["gold"][j]}
-                                      for g in eval_groups for i in range(len(g["answers"]))
-                                      for j in range(i + 1, len(g["answers"]))])
+        agree = task.label_agreement([{"chosen_score": c, "rejected_score": r}
+                                      for c, r in zip(*(gold.tolist() for gold in gold_of_pairs(eval_groups)))])
         print(f"{cfg.candidates} answers ranked by simulated labellers (noise {cfg.label_noise}) in "
               f"{time.time() - t0:.0f}s; on held-out pairs the labels agree with the gold judge {agree:.1%} of the "
               "time")

@@ -31,7 +31,7 @@ from model import (
 )
 from training import (
     MetricsLog, Progress, adamw, autocast, batch_indices, check, check_choice, check_finite, check_out_dir,
-    check_positive, check_seed, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
+    check_positive, check_seed, fit_lengths, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
 )
 
 IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions
@@ -169,12 +169,7 @@ def main(cfg):
     if model.config.vocab_size < tok.vocab_size:
         raise LoadError(f"{cfg.weights or cfg.init}: the model has {model.config.vocab_size} token embeddings, its "
                         f"tokenizer {tok.vocab_size} ids; it cannot read them (is this a GPT-2 model?)")
-    block = model.config.block_size
-    cfg.max_prompt_tokens = cfg.max_prompt_tokens or block * 3 // 4
-    cfg.max_answer_tokens = cfg.max_answer_tokens or block // 4
-    check(cfg.max_prompt_tokens + cfg.max_answer_tokens <= block,
-          f"--max_prompt_tokens + --max_answer_tokens = {cfg.max_prompt_tokens + cfg.max_answer_tokens} exceeds the "
-          f"model's block_size {block}")
+    fit_lengths(cfg, model.config.block_size)
 
     # --- data: demonstrations -> (prompt ids, answer ids) ---
     if cfg.data == "default":

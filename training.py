@@ -74,6 +74,16 @@ def check_choice(cfg, name, choices):
     check(getattr(cfg, name) in choices, f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(choices)}")
 
 
+def fit_lengths(cfg, block_size, answer_flag="max_answer_tokens"):
+    """Fill the length flags left at 0 from the model's block size (prompts 3/4 of it, answers 1/4) and
+    check that a prompt and an answer fit in the block together."""
+    cfg.max_prompt_tokens = cfg.max_prompt_tokens or block_size * 3 // 4
+    setattr(cfg, answer_flag, getattr(cfg, answer_flag) or block_size // 4)
+    total = cfg.max_prompt_tokens + getattr(cfg, answer_flag)
+    check(total <= block_size, f"--max_prompt_tokens + --{answer_flag} = {total} exceeds the model's block_size "
+                               f"{block_size}")
+
+
 def check_seed(seed):
     check(0 <= seed < 2**31, f"--seed must be in [0, 2**31), got {seed}")
 
