@@ -144,15 +144,6 @@ def reward_score(reward_model, ids):
         return reward_model(idx, torch.ones_like(idx)).item()
 
 
-def gold_or_none(prompt, answer):
-    """The gold judge's score on a prompt of the built-in task (one turn), else None: it judges nothing else."""
-    try:
-        task.parse_prompt(prompt)
-    except ValueError:
-        return None
-    return task.gold_score(prompt, answer)
-
-
 # -----------------------------------------------------------------------------
 # Loading the models
 
@@ -264,7 +255,7 @@ def respond(sp, message, cfg):
     notes = [] if answer_ids[-1] == sp.tok.eos_id else [f"cut at {cfg.max_new_tokens} tokens"]
     if sp.reward_model is not None and len(prompt_ids) + len(answer_ids) <= sp.reward_model.config.block_size:
         notes.append(f"reward {reward_score(sp.reward_model, prompt_ids + answer_ids):.2f}")
-    gold = gold_or_none(task.format_prompt(message), answer) if not sp.turns else None  # it judges one turn
+    gold = task.gold_or_none(task.format_prompt(message), answer) if not sp.turns else None  # it judges one turn
     if gold is not None:
         notes.append(f"gold {gold:.2f}")
     print(f"   [{', '.join(notes)}]" if notes else "", flush=True)

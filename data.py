@@ -8,6 +8,7 @@ Formats read (one JSON object per line, UTF-8; blank lines are skipped):
     (and any preference format below: SFT takes its chosen answers)
     preferences      {"prompt", "chosen", "rejected"[, "chosen_score", "rejected_score"]} -> reward model
     rankings         {"prompt", "answers": [best first, ...][, "scores": [...]]}           -> reward model
+                     (label.py's ties and skips, with "tie" or "skip": true, are skipped)
     HH-RLHF          {"chosen", "rejected"}: full dialogues, split at the last "\n\nAssistant:"
     TL;DR compared   {"info": {...}, "summaries": [{"text"}, {"text"}], "choice": 0 | 1}
 Every record becomes a dict with the generic keys (prompt/response, or prompt/answers best-first).
@@ -27,6 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
 
 import task
@@ -88,17 +90,57 @@ class Tokenizer:
         else:
             self.compact_id = {gpt2_id: i for i, gpt2_id in enumerate(self.table)}
             self.vocab_size, self.eos_id = len(self.table), self.compact_id[GPT2_EOS]
+            self.compact_bytes = {self.bpe.decode_single_token_bytes(t): i for i, t in enumerate(self.table)
+                                  if t != GPT2_EOS}
+            self.spelled = []  # words read with encode(spell=True) that the table has no token for
+            self.words = regex.compile(self.bpe._pat_str)  # how GPT-2 splits text into words (tiktoken needs regex)
 
-    def encode(self, text, where="text"):
-        """Token ids of text; `where` (a file name) goes into the error for text the table cannot hold."""
+    def encode(self, text, where="text", spell=False):
+        """Token ids of text; `where` (a file name) goes into the error for text the table cannot hold.
+
+        A model can write words the task never does, by joining pieces (" looks" + "o"); GPT-2 then
+        reads them as tokens outside the table (" look" + "so"). spell=True, for text a model wrote
+        (rankings of its answers, a labelling session), spells such a word with table tokens instead
+        and notes it in self.spelled; by default such text is refused, since a model cannot learn from
+        words it has no tokens for."""
         ids = self.bpe.encode_ordinary(text)  # special tokens in the text are read as plain text
         if self.table is None:
             return ids
-        unknown = [i for i in ids if i not in self.compact_id]
-        if unknown:
-            raise DataError(f"{where}: {text[:60]!r} holds {self.bpe.decode(unknown[:3])!r}, outside the compact "
+        if all(i in self.compact_id for i in ids):
+            return [self.compact_id[i] for i in ids]
+        spelled = self.spell_words(text) if spell else None
+        if spelled is None:
+            unknown = next(i for i in ids if i not in self.compact_id)
+            raise DataError(f"{where}: {text[:60]!r} holds {self.bpe.decode([unknown])!r}, outside the compact "
                             "vocabulary of the built-in task's model; train it with --vocab gpt2 to read any text")
-        return [self.compact_id[i] for i in ids]
+        return spelled
+
+    def spell_words(self, text):
+        """Table ids of text, word by word as GPT-2 splits it; a word GPT-2 reads as tokens outside the
+        table is spelled with table tokens (and noted in self.spelled). None if one cannot be."""
+        out = []
+        for word in self.words.findall(text):
+            ids = self.bpe.encode_ordinary(word)
+            if all(i in self.compact_id for i in ids):
+                out += [self.compact_id[i] for i in ids]
+                continue
+            spelled = self.spell(word.encode())
+            if spelled is None:
+                return None
+            self.spelled.append(word)
+            out += spelled
+        return out
+
+    def spell(self, piece):
+        """The fewest table tokens whose bytes join to `piece` (bytes), or None if none do."""
+        best = [[]] + [None] * len(piece)  # best[n]: the shortest spelling of piece[:n]
+        for end in range(1, len(piece) + 1):
+            for start in range(end):
+                i = self.compact_bytes.get(piece[start:end])
+                if i is not None and best[start] is not None and (
+                        best[end] is None or len(best[start]) + 1 < len(best[end])):
+                    best[end] = best[start] + [i]
+        return best[-1]
 
     def decode(self, ids):
         if self.table is not None:
@@ -227,12 +269,20 @@ def split_dialogue(path, lineno, chosen, rejected, skipped):
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _ranking(path, lineno, obj):
-    """A K-wise ranking {prompt, answers best-first[, scores]}."""
+def _ranking(path, lineno, obj, skipped):
+    """A K-wise ranking {prompt, answers best-first[, scores]}; None (and the line counted in `skipped`)
+    for a judgement with no order, {prompt, answers, "tie": true} or {..., "skip": true}, as label.py
+    writes them so that a labelling session keeps its place in the file."""
     answers = obj["answers"]
     if not isinstance(answers, list) or len(answers) < 2 or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{path}:{lineno}: 'answers' must be a list of two or more strings, best first")
     _fields(path, lineno, obj, ("prompt",))
+    for key in ("tie", "skip"):
+        if not isinstance(obj.get(key, False), bool):
+            raise DataError(f"{path}:{lineno}: field '{key}' must be true or false, got {obj[key]!r}")
+    if obj.get("tie") or obj.get("skip"):
+        skipped.add(lineno, "a tie or a skip (no order to learn)")
+        return None
     record = {"prompt": obj["prompt"], "answers": answers}
     if "scores" in obj:
         scores = obj["scores"]
@@ -245,7 +295,8 @@ def _ranking(path, lineno, obj):
 def load_preferences(path):
     """Reward-model data: generic {prompt, chosen, rejected[, scores]}, K-wise rankings, HH-RLHF
     dialogues, or TL;DR comparisons, each line recognised by its keys. Returns records
-    {"prompt", "answers" (best first)[, "scores"]}: a pair is a ranking of two."""
+    {"prompt", "answers" (best first)[, "scores"]}: a pair is a ranking of two. A tie or a skip (label.py)
+    teaches no order and is skipped."""
     out, skipped = [], Skipped(path)
     for lineno, obj in read_jsonl(path):
         if "summaries" in obj:  # TL;DR comparisons
@@ -262,7 +313,9 @@ def load_preferences(path):
             record = {"prompt": tldr_prompt(info["subreddit"], info["title"], info["post"]),
                       "answers": [summaries[choice]["text"], summaries[1 - choice]["text"]]}
         elif "answers" in obj:
-            record = _ranking(path, lineno, obj)
+            record = _ranking(path, lineno, obj, skipped)
+            if record is None:
+                continue
         elif "prompt" not in obj and "chosen" in obj:  # HH-RLHF
             _fields(path, lineno, obj, ("chosen", "rejected"))
             split = split_dialogue(path, lineno, obj["chosen"], obj["rejected"], skipped)
@@ -292,7 +345,10 @@ def load_demonstrations(path):
     for lineno, obj in read_jsonl(path):
         if "response" not in obj and ("chosen" in obj or "answers" in obj):
             if "answers" in obj:
-                prompt, response = obj.get("prompt"), _ranking(path, lineno, obj)["answers"][0]
+                ranking = _ranking(path, lineno, obj, skipped)
+                if ranking is None:
+                    continue
+                prompt, response = ranking["prompt"], ranking["answers"][0]
             elif "prompt" in obj:
                 _fields(path, lineno, obj, ("prompt", "chosen", "rejected"))
                 prompt, response = obj["prompt"], obj["chosen"]
@@ -375,11 +431,11 @@ def encode_prompt(tok, prompt, trunc, where="text"):
     return ids
 
 
-def encode_answer(tok, answer, trunc, where="text"):
+def encode_answer(tok, answer, trunc, where="text", spell=False):
     """Answer ids ending with EOS, the token that teaches the model to stop, unless the answer was cut:
-    a cut answer must not teach stopping mid-sentence."""
+    a cut answer must not teach stopping mid-sentence. spell: a model wrote it (Tokenizer.encode)."""
     trunc.answers_seen += 1
-    ids = tok.encode(answer, where)
+    ids = tok.encode(answer, where, spell)
     if len(ids) + 1 > trunc.max_answer_tokens:
         trunc.answers_cut += 1
         return ids[: trunc.max_answer_tokens]

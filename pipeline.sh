@@ -1,32 +1,85 @@
 #!/usr/bin/env bash
 # The whole RLHF pipeline on the built-in task, on a CPU: SFT, the reward model, PPO, the same PPO
-# without its KL penalty (reward hacking), then the figures. Everything lands in $OUT (default out/).
+# without its KL penalty (reward hacking), then the figures and a report. Everything lands in $OUT.
 #
 #   bash pipeline.sh                       # seed 1337, into out/
 #   SEED=2 OUT=runs/seed2 bash pipeline.sh # another seed, passed to every stage, into its own folder
 #   bash pipeline.sh --device cuda         # extra flags go to every stage
+#   PPO_FLAGS="--iterations 300" bash pipeline.sh   # and SFT_FLAGS, REWARD_FLAGS to one stage's script
+#   ROUNDS=3 bash pipeline.sh              # RLHF in rounds (below); round r >= 2 in $OUT/round<r>/
+#   RESUME=1 bash pipeline.sh              # keep the finished stages, continue the stopped one
+#
+# Rounds (InstructGPT, Llama 2): round 1 is the pipeline above. In round r >= 2 the simulated labellers
+# rank answers of round r-1's policies (in round 2 also the unleashed one's: its hacks get labelled),
+# a reward model is trained from the SFT weights on the comparisons of every round so far, and PPO
+# continues from round r-1's policy, still held by the KL penalty to the SFT model, the reference.
 #
 # Each stage's wall time is appended to $OUT/times.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
 SEED=${SEED:-1337}
+ROUNDS=${ROUNDS:-1}
+RESUME=${RESUME:-0}
+read -r -a sft_flags <<< "${SFT_FLAGS:-}"
+read -r -a reward_flags <<< "${REWARD_FLAGS:-}"
+read -r -a ppo_flags <<< "${PPO_FLAGS:-}"
 mkdir -p "$OUT"
-: > "$OUT/times.txt"
+[ "$RESUME" = 1 ] || : > "$OUT/times.txt"
 
-stage() {  # stage NAME COMMAND...: run it, and note how long it took
+timed() {  # timed NAME COMMAND...: run it, and note how long it took
     local name=$1 start=$SECONDS
     shift
-    "$@"
+    "$@" || return  # its exit status (set -e does not act inside the || of a caller)
     echo "$name $((SECONDS - start)) s" >> "$OUT/times.txt"
 }
 
-stage sft python train_sft.py --out_dir "$OUT/sft" --seed "$SEED" "$@"
-stage reward python train_reward.py --sft "$OUT/sft/ckpt.pt" --out_dir "$OUT/reward" --seed "$SEED" "$@"
-stage ppo python train_ppo.py --sft "$OUT/sft/ckpt.pt" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo" \
-    --seed "$SEED" "$@"
-stage ppo_nokl python train_ppo.py --sft "$OUT/sft/ckpt.pt" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo_nokl" \
-    --kl_coef 0 --seed "$SEED" "$@"
-stage figures python notebooks/plots.py "$OUT"
-stage report python report.py "$OUT"
+stage() {  # stage DIR COMMAND...: a training stage writing DIR/ckpt.pt; with RESUME=1 a finished one is
+    local dir=$1  # kept and a started one continues from its checkpoint
+    shift
+    if [ "$RESUME" = 1 ] && [ -f "$dir/done" ]; then
+        echo "${dir#"$OUT"/}: finished before, kept"
+        return
+    fi
+    rm -f "$dir/done"
+    if [ "$RESUME" = 1 ] && [ -f "$dir/ckpt.pt" ]; then
+        set -- "$@" --resume
+    fi
+    timed "${dir#"$OUT"/}" "$@" || {
+        local status=$?
+        echo "pipeline.sh: ${dir#"$OUT"/} stopped (exit $status); RESUME=1 with the same OUT, SEED and ROUNDS keeps" \
+            "the finished stages and continues this one from its last checkpoint" >&2
+        exit $status
+    }
+    touch "$dir/done"
+}
+
+sft=$OUT/sft/ckpt.pt
+stage "$OUT/sft" python train_sft.py --out_dir "$OUT/sft" --seed "$SEED" "${sft_flags[@]}" "$@"
+stage "$OUT/reward" python train_reward.py --sft "$sft" --out_dir "$OUT/reward" --seed "$SEED" "${reward_flags[@]}" "$@"
+stage "$OUT/ppo" python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo" \
+    --seed "$SEED" "${ppo_flags[@]}" "$@"
+stage "$OUT/ppo_nokl" python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" \
+    --out_dir "$OUT/ppo_nokl" --kl_coef 0 --seed "$SEED" "${ppo_flags[@]}" "$@"
+
+policies=$OUT/ppo/ckpt.pt,$OUT/ppo_nokl/ckpt.pt  # whose answers round 2's labellers rank
+comparisons=$OUT/reward/comparisons.jsonl        # every round's comparisons so far
+previous=$OUT/ppo/ckpt.pt                        # the policy the next round starts from
+reward=$OUT/reward/ckpt.pt                       # the reward model the next one starts from
+for ((r = 2; r <= ROUNDS; r++)); do
+    dir=$OUT/round$r
+    # new prompts for the labellers each round (another seed); PPO keeps --seed: the same held-out eval
+    stage "$dir/reward" python train_reward.py --sft "$sft" --policy "$policies" \
+        --extra_data "$comparisons" --init "$reward" \
+        --out_dir "$dir/reward" --seed $((SEED + r - 1)) "${reward_flags[@]}" "$@"
+    stage "$dir/ppo" python train_ppo.py --sft "$sft" --policy "$previous" \
+        --reward "$dir/reward/ckpt.pt" --out_dir "$dir/ppo" --seed "$SEED" "${ppo_flags[@]}" "$@"
+    comparisons=$comparisons,$dir/reward/comparisons.jsonl
+    previous=$dir/ppo/ckpt.pt
+    policies=$previous
+    reward=$dir/reward/ckpt.pt
+done
+
+timed figures python notebooks/plots.py "$OUT"
+timed report python report.py "$OUT"
 echo "pipeline done in $SECONDS s; figures in $OUT/*.png; stage times in $OUT/times.txt"

@@ -52,6 +52,8 @@ FIGURES = {  # the PNGs of notebooks/plots.py, in reading order
     "ppo": "PPO: reward-model score, gold score and KL to the reference per iteration",
     "reward_hacking": "the same PPO run with kl_coef = 0 beside the normal one",
     "attention": "the attention pattern of one head of the SFT model on one prompt",
+    "rounds": "RLHF in rounds: the gold score after each round, each round's PPO by its reward model, and round "
+              "1's reward hack judged by round 2's reward model",
 }
 
 
@@ -242,6 +244,36 @@ def verdict(ppo_logs):
     return [" ".join(said)]
 
 
+def rounds_section(out):
+    """RLHF in rounds (ROUNDS=N bash pipeline.sh): one row per round, read from each round's logs."""
+    out, rows, r = Path(out), [], 1
+    while (out / (f"round{r}" if r > 1 else "") / "ppo" / "metrics.jsonl").is_file():
+        folder = out / f"round{r}" if r > 1 else out
+        reward_log, ppo_log = read_log(folder / "reward" / "metrics.jsonl"), read_log(folder / "ppo" / "metrics.jsonl")
+        agreement, gold, score = (start_end(log, key) for log, key in (
+            (reward_log, "gold_agreement"), (ppo_log, "eval_gold"), (ppo_log, "eval_reward")))
+        n_files = 1 + len(load_checkpoint(folder / "reward" / "ckpt.pt", "reward")["train_args"].get(
+            "extra_data", "").split(",")) if r > 1 else 1
+        rows.append([str(r), str(n_files), fmt(agreement[1]["gold_agreement"]) if agreement else "n/a",
+                     f"{fmt(gold[0]['eval_gold'])} -> {fmt(gold[1]['eval_gold'])}" if gold else "n/a",
+                     f"{fmt(score[0]['eval_reward'])} -> {fmt(score[1]['eval_reward'])}" if score else "n/a"])
+        r += 1
+    if len(rows) < 2:
+        return []
+    lines = ["## Rounds", "", "Round 1 is the pipeline above; in round r >= 2 the labellers ranked answers of round "
+             "r-1's policies, the reward model was trained on every round's comparisons so far, and PPO continued "
+             "from round r-1's policy with the SFT model as the reference.", ""]
+    lines += table(["round", "rounds of comparisons", "reward model: gold agreement (its own held-out pairs)",
+                    "PPO: held-out gold, start -> end", "PPO: reward-model score, start -> end"], rows) + [""]
+    final = rows_with(read_log(out / "round2" / "reward" / "metrics.jsonl"), "policy_reward")
+    if final:
+        for path, reward in final[-1]["policy_reward"].items():
+            lines.append(f"- Round 2's reward model on the answers of `{path}`: {fmt(reward)} (gold "
+                         f"{fmt(final[-1]['policy_gold'][path])}).")
+        lines.append("")
+    return lines
+
+
 @torch.no_grad()
 def before_after(out, ckpts, n_prompts):
     """A few held-out prompts answered by each policy, with their reward-model and gold scores.
@@ -297,6 +329,8 @@ def figures_section(out):
     lines = ["## Figures", ""]
     missing = []
     for name, caption in FIGURES.items():
+        if name == "rounds" and not (Path(out) / "round2").is_dir():
+            continue  # drawn only for a run in rounds
         if (Path(out) / f"{name}.png").is_file():
             lines += [f"![{name}]({name}.png)", "", f"*{caption}*", ""]
         else:
@@ -323,7 +357,7 @@ def write_report(out, n_prompts=4):
     lines = [f"# Report card of the run in {out}/", "",
              f"Written by `python report.py {out}` from the run's metrics.jsonl, times.txt and checkpoints; "
              "run it again to re-make this page.", ""]
-    lines += environment(ckpts) + stages_section(out, ckpts) + key_numbers(out, ckpts)
+    lines += environment(ckpts) + stages_section(out, ckpts) + key_numbers(out, ckpts) + rounds_section(out)
     lines += before_after(out, ckpts, n_prompts) + figures_section(out)
     path = out / "report.md"
     path.write_text("\n".join(lines))

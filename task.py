@@ -345,6 +345,15 @@ def gold_score(prompt, answer):
     return min(GOLD_MAX, max(GOLD_MIN, total))
 
 
+def gold_or_none(prompt, answer):
+    """gold_score on a prompt of this task, else None: the judge judges nothing else (chat.py, label.py)."""
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return None
+    return gold_score(prompt, answer)
+
+
 def reference_answer(prompt):
     """The ideal answer (leading space included); it scores GOLD_MAX. Fixed per prompt."""
     spec = parse_prompt(prompt)

@@ -56,7 +56,10 @@ class Config:
     """PPO: the SFT policy learns to please the reward model, held near the SFT reference by a KL penalty."""
 
     out_dir: str = flag("out/ppo", "folder for ckpt.pt, metrics.jsonl and samples.jsonl")
-    sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the initial policy and the frozen reference")
+    sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the frozen reference, and the initial policy (unless "
+                    "--policy)")
+    policy: str = flag("", "the sft or ppo checkpoint the policy starts from (default: --sft): a later RLHF round "
+                       "starts from the last round's policy, still held to the SFT reference (as InstructGPT)")
     reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it)")
     data: str = flag("default", "'default' for the built-in task's prompts, or a JSONL with prompts (any of the data "
                      "formats)")
@@ -325,6 +328,13 @@ def main(cfg):
     sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
     tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
     sft_policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl)
+    start_policy = sft_policy
+    if cfg.policy:
+        policy_ckpt = load_checkpoint(cfg.policy, ("sft", "ppo"))
+        start_policy = policy_from_checkpoint(policy_ckpt, cfg.attn_impl)
+        if policy_ckpt["tokenizer"] != sft_ckpt["tokenizer"] or start_policy.config != sft_policy.config:
+            raise DataError(f"{cfg.policy} is not a model of the same shape and tokenizer as {cfg.sft}; pass a policy "
+                            "trained from it")
     reward_ckpt = load_checkpoint(cfg.reward, "reward")
     if reward_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
         raise DataError(f"{cfg.reward} was trained with another tokenizer than {cfg.sft}; train the reward model "
@@ -332,7 +342,8 @@ def main(cfg):
     reward_model = model_from_checkpoint(reward_ckpt, cfg.attn_impl).to(device).eval().requires_grad_(False)
     ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)
     model = PolicyWithValue(sft_policy.config)
-    model.policy.load_state_dict(sft_policy.state_dict())
+    # the value head starts afresh: a policy from an earlier round brings no value head for this reward model
+    model.policy.load_state_dict(start_policy.state_dict())
     fit_lengths(cfg, model.config.block_size, "max_new_tokens")
     model.to(device)
     # dropout is 0 in every config here, but eval() makes sure: PPO's ratio compares log-probs of the
@@ -379,7 +390,7 @@ def main(cfg):
 
     if start_iter == 0:
         metrics = evaluate(0)
-        print(f"iteration 0 (the SFT policy): eval reward {metrics['eval_reward']:.3f}, "
+        print(f"iteration 0 ({cfg.policy or 'the SFT policy'}): eval reward {metrics['eval_reward']:.3f}, "
               f"eval gold {metrics.get('eval_gold', float('nan')):.3f}")
 
     progress = Progress("ppo", cfg.iterations, start_iter)

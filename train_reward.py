@@ -24,6 +24,12 @@ What gets compared matters. InstructGPT's labellers ranked the SFT model's own s
 model then learns to judge the kind of answers PPO will show it. On the built-in task we do the same:
 the SFT policy answers each training prompt K times and the simulated labellers rank the answers.
 
+RLHF runs in rounds (InstructGPT; Llama 2 ran five): the best policy so far answers new prompts, the
+labellers rank those answers, and the reward model is trained again on every round's comparisons
+(--policy names the policies that answer, --extra_data the earlier rounds' comparisons.jsonl). Each
+round starts again from the SFT weights rather than from the last reward model: one training run on
+all comparisons weights every round alike, where fine-tuning the last model would favour the newest.
+
 The reward only has meaning up to a constant (Bradley-Terry sees differences), so after training we
 pick the constant: the SFT policy's own answers to held-out prompts score 0 on average. PPO then starts
 from rewards near 0, which keeps its value targets and its KL trade-off on a sane scale.
@@ -32,9 +38,11 @@ from rewards near 0, which keeps its value targets and its KL trade-off on a san
     python train_reward.py --data ../shared/data/hh_rlhf_sample.jsonl --sft out/sft/ckpt.pt
 """
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +68,14 @@ class Config:
                      "(generic, rankings, HH-RLHF or TL;DR)")
     eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
     candidates: str = flag("policy", "built-in task: whose answers the labellers rank, 'policy' (samples of the --sft "
-                           "model, as InstructGPT) or 'demonstrator' (the task's own mixed-quality answers)")
+                           "model, or of --policy; as InstructGPT) or 'demonstrator' (the task's own mixed-quality "
+                           "answers)")
+    policy: str = flag("", "built-in task: the sft or ppo checkpoint(s) whose samples are ranked, comma-separated, "
+                       "sharing each prompt's K answers (default: --sft); the first one's answers score 0 on average")
+    extra_data: str = flag("", "more comparisons to train on, comma-separated JSONL files: earlier rounds' "
+                           "comparisons.jsonl, label.py's labels")
+    init: str = flag("", "a reward checkpoint to start from instead of the SFT weights (a later round: the last "
+                     "round's reward model)")
     n_train: int = flag(3000, "built-in task: prompts whose answers are ranked for training")
     n_eval: int = flag(256, "built-in task: held-out prompts whose answers are ranked for the eval")
     k: int = flag(8, "built-in task: answers per prompt; all K*(K-1)/2 pairs of a ranking are used")
@@ -93,6 +108,10 @@ def check_config(cfg):
     check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0,
           "--max_prompt_tokens and --max_answer_tokens must be >= 0")
     check_choice(cfg, "candidates", ("policy", "demonstrator"))
+    check(not cfg.policy or (cfg.data == "default" and cfg.candidates == "policy"),
+          "--policy only fits --data default with --candidates policy (the built-in task's labellers rank its answers)")
+    check(len(policy_paths(cfg)) <= cfg.k, f"--k {cfg.k} gives fewer answers per prompt than there are --policy "
+          "checkpoints")
     check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
     check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
@@ -187,45 +206,79 @@ def evaluate(model, eval_groups, pad_id, cfg, device):
     return metrics
 
 
-def rank_by_labeller(prompt_text, prompt_ids, answers, tok, noise, rng):
-    """A simulated labeller's ranking of a prompt's answers (token ids, duplicates dropped): the group
-    {prompt, answers best-first, scores, gold}, or None if fewer than two distinct answers are left.
-    The scores are the judge's gold scores in the labeller's order (they drive --margin_coef), the
-    gold field the same, kept for the eval's agreement with the judge."""
-    answers = [list(a) for a in dict.fromkeys(tuple(a) for a in answers)]
+def rank_by_labeller(prompt_text, prompt_ids, answers, sources, tok, noise, rng):
+    """A simulated labeller's ranking of a prompt's answers (token ids, duplicates dropped), each from
+    the policy numbered in `sources`: the group {prompt, answers best-first, sources, scores, gold}, or
+    None if fewer than two distinct answers are left. The scores are the judge's gold scores in the
+    labeller's order (they drive --margin_coef), the gold field the same, kept for the eval's agreement
+    with the judge."""
+    distinct = {}
+    for answer, source in zip(answers, sources):
+        distinct.setdefault(tuple(answer), source)
+    answers, sources = [list(a) for a in distinct], list(distinct.values())
     if len(answers) < 2:
         return None
     gold = [task.gold_score(prompt_text, tok.decode_answer(a)) for a in answers]
     order = task.noisy_ranking(gold, noise, rng)
     ranked_gold = [gold[i] for i in order]
-    return {"prompt": prompt_ids, "answers": [answers[i] for i in order], "scores": ranked_gold, "gold": ranked_gold}
+    return {"prompt": prompt_ids, "answers": [answers[i] for i in order], "sources": [sources[i] for i in order],
+            "scores": ranked_gold, "gold": ranked_gold}
 
 
-def task_comparisons(policy, tok, n_prompts, split, seed, trunc, cfg):
-    """Ranked answers to n_prompts prompts of the built-in task: K samples of the SFT policy (or of the
-    task's demonstrator) per prompt, ranked by the simulated labellers."""
+def task_comparisons(policies, tok, n_prompts, split, seed, trunc, cfg):
+    """Ranked answers to n_prompts prompts of the built-in task: K samples per prompt, shared out among
+    the policies (or K answers of the task's demonstrator), ranked by the simulated labellers."""
     prompts = task.make_prompts(n_prompts, split, seed)
     prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts]
+    candidates = [[] for _ in prompts]
+    sources = [[] for _ in prompts]
     if cfg.candidates == "policy":
-        # temperature 1: the policy's own distribution, the one PPO starts sampling from
-        samples = sample_answers(policy, [p for p in prompt_ids for _ in range(cfg.k)], cfg.max_answer_tokens,
-                                 tok.eos_id, temperature=1.0, seed=seed)
-        trunc.answers_seen += len(samples)
-        candidates = [samples[i * cfg.k : (i + 1) * cfg.k] for i in range(len(prompts))]
+        for number, policy in enumerate(policies):
+            k = cfg.k // len(policies) + (number < cfg.k % len(policies))  # this policy's share of the K answers
+            # temperature 1: the policy's own distribution, the one PPO starts sampling from
+            samples = sample_answers(policy, [p for p in prompt_ids for _ in range(k)], cfg.max_answer_tokens,
+                                     tok.eos_id, temperature=1.0, seed=seed + 1000 * number)
+            trunc.answers_seen += len(samples)
+            for i in range(len(prompts)):
+                candidates[i] += samples[i * k : (i + 1) * k]
+                sources[i] += [number] * k
     else:
         rng = random.Random(f"demonstrator:{split}:{seed}")
         candidates = [[encode_answer(tok, task.sample_answer(p, rng), trunc) for _ in range(cfg.k)] for p in prompts]
+        sources = [[0] * cfg.k for _ in prompts]
     rng = random.Random(f"labeller:{split}:{seed}")
-    groups = [rank_by_labeller(p, ids, answers, tok, cfg.label_noise, rng)
-              for p, ids, answers in zip(prompts, prompt_ids, candidates)]
+    groups = [rank_by_labeller(p, ids, answers, src, tok, cfg.label_noise, rng)
+              for p, ids, answers, src in zip(prompts, prompt_ids, candidates, sources)]
     return [g for g in groups if g is not None]
 
 
 def file_comparisons(records, tok, trunc, where="text"):
-    """Preference records (data.load_preferences) as groups of token ids, tokenized once."""
+    """Preference records (data.load_preferences) as groups of token ids, tokenized once. The answers
+    may be a model's, with words it made up of its tokens: they are spelled with them (Tokenizer.encode)."""
     return [{"prompt": encode_prompt(tok, r["prompt"], trunc, where),
-             "answers": [encode_answer(tok, a, trunc, where) for a in r["answers"]], "scores": r.get("scores")}
+             "answers": [encode_answer(tok, a, trunc, where, spell=True) for a in r["answers"]],
+             "scores": r.get("scores")}
             for r in records]
+
+
+def save_comparisons(path, groups, tok):
+    """The ranked comparisons as text, in the rankings format load_preferences reads: the data of this
+    round, for the reward models of the rounds after it (--extra_data), and for reading."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for g in groups:
+            f.write(json.dumps({"prompt": tok.decode(g["prompt"]),
+                                "answers": [tok.decode_answer(a) for a in g["answers"]], "scores": g["scores"]}) + "\n")
+
+
+def policy_paths(cfg):
+    return cfg.policy.split(",") if cfg.policy else [cfg.sft]
+
+
+def per_policy(values, groups, n_policies):
+    """The mean of one value per answer of the groups (a reward, a gold score), for each policy."""
+    sources = torch.tensor([s for g in groups for s in g["sources"]])
+    return [values[sources == n].mean().item() for n in range(n_policies)]
 
 
 @torch.no_grad()
@@ -252,23 +305,31 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
 
-    # --- the SFT model: the reward model's starting point, and (built-in task) the answers to rank ---
+    # --- the SFT model: the reward model's starting point; the policies whose answers get ranked ---
     sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
     tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
-    policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl).to(device).eval()
+    policies = []
+    for path in policy_paths(cfg):
+        ckpt = sft_ckpt if path == cfg.sft else load_checkpoint(path, ("sft", "ppo"))
+        if ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+            raise DataError(f"{path} was trained with another tokenizer than {cfg.sft}; pass policies trained from it")
+        policies.append(policy_from_checkpoint(ckpt, cfg.attn_impl).to(device).eval())
+    policy = policies[0]
     fit_lengths(cfg, policy.config.block_size)
 
     # --- data: comparisons -> groups {prompt ids, answer ids best-first, scores}, tokenized once ---
     t0 = time.time()
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     if cfg.data == "default":
-        train_groups = task_comparisons(policy, tok, cfg.n_train, "train", cfg.seed + 2, trunc, cfg)
-        eval_groups = task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+        train_groups = task_comparisons(policies, tok, cfg.n_train, "train", cfg.seed + 2, trunc, cfg)
+        eval_groups = task_comparisons(policies, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+        save_comparisons(f"{cfg.out_dir}/comparisons.jsonl", train_groups, tok)
         agree = task.label_agreement([{"chosen_score": c, "rejected_score": r}
                                       for c, r in zip(*(gold.tolist() for gold in gold_of_pairs(eval_groups)))])
-        print(f"{cfg.candidates} answers ranked by simulated labellers (noise {cfg.label_noise}) in "
-              f"{time.time() - t0:.0f}s; on held-out pairs the labels agree with the gold judge {agree:.1%} of the "
-              "time")
+        whose = ", ".join(policy_paths(cfg)) if cfg.candidates == "policy" else "the demonstrator"
+        print(f"answers of {whose} ranked by simulated labellers (noise {cfg.label_noise}) in {time.time() - t0:.0f}s, "
+              f"saved in {cfg.out_dir}/comparisons.jsonl; on held-out pairs the labels agree with the gold judge "
+              f"{agree:.1%} of the time")
     else:
         train_records = load_preferences(cfg.data)
         if cfg.eval_data:
@@ -278,6 +339,13 @@ def main(cfg):
             train_records, eval_records = train_records[:-n_eval], train_records[-n_eval:]
         train_groups = file_comparisons(train_records, tok, trunc, cfg.data)
         eval_groups = file_comparisons(eval_records, tok, trunc, cfg.eval_data or cfg.data)
+    for path in cfg.extra_data.split(",") if cfg.extra_data else []:
+        extra = file_comparisons(load_preferences(path), tok, trunc, path)
+        print(f"{path}: {len(extra)} more comparisons to train on")
+        train_groups += extra
+    if tok.spelled:
+        print(f"{len(tok.spelled)} answer words outside the task's vocabulary (e.g. {tok.spelled[0]!r}) were spelled "
+              "with its tokens")
     if cfg.margin_coef > 0 and any(not g.get("scores") for g in train_groups):
         raise DataError(f"{cfg.data}: --margin_coef needs a score for every answer (chosen_score and rejected_score)")
     if len(train_groups) < cfg.batch_size:
@@ -292,6 +360,13 @@ def main(cfg):
         resume_ckpt = load_checkpoint(ckpt_path, "reward")
         model, start_iter = model_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
         print(f"resuming {ckpt_path} at step {start_iter}")
+    elif cfg.init:
+        init_ckpt = load_checkpoint(cfg.init, "reward")
+        if init_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+            raise DataError(f"{cfg.init} was trained with another tokenizer than {cfg.sft}; pass a reward model "
+                            "trained from it")
+        model = model_from_checkpoint(init_ckpt, cfg.attn_impl)
+        model.offset.zero_()  # chosen again at the end, for this round's policy
     else:
         model = RewardModel(policy.config)
         model.transformer.load_state_dict(policy.transformer.state_dict())
@@ -344,9 +419,11 @@ def main(cfg):
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; saved {ckpt_path}")
     progress.close()
 
-    # --- normalise: the SFT policy's own answers score 0 on average ---
-    if cfg.data == "default" and cfg.candidates == "policy":
-        own = eval_groups  # held-out prompts, answered by the SFT policy
+    # --- normalise: the (first) policy's own answers score 0 on average ---
+    if cfg.data == "default" and cfg.candidates == "policy":  # held-out prompts, answered by the policies
+        own = [{"prompt": g["prompt"], "answers": [a for a, s in zip(g["answers"], g["sources"]) if s == 0]}
+               for g in eval_groups]
+        own = [g for g in own if g["answers"]]
     else:
         prompts = task.make_prompts(cfg.n_eval, "eval", cfg.seed + 4) if cfg.data == "default" else None
         prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts] if prompts else [g["prompt"] for g in eval_groups]
@@ -355,9 +432,20 @@ def main(cfg):
     model.offset.fill_(raw_rewards(model, own, tok.eos_id, cfg.batch_size, device).mean().item())
     metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
     metrics["offset"] = model.offset.item()
+    if cfg.data == "default" and cfg.candidates == "policy" and len(policies) > 1:
+        # how this reward model sees each policy's answers, beside the gold judge: does it still reward a
+        # policy that hacked an earlier reward model?
+        rewards = raw_rewards(model, eval_groups, tok.eos_id, cfg.batch_size, device).cpu() - model.offset
+        gold = torch.tensor([score for g in eval_groups for score in g["gold"]])
+        metrics["policy_reward"] = dict(zip(policy_paths(cfg), per_policy(rewards, eval_groups, len(policies))))
+        metrics["policy_gold"] = dict(zip(policy_paths(cfg), per_policy(gold, eval_groups, len(policies))))
+        for path in policy_paths(cfg):
+            print(f"{path}: held-out answers score {metrics['policy_reward'][path]:+.3f} by this reward model, gold "
+                  f"{metrics['policy_gold'][path]:.3f}")
     log.write({"step": cfg.max_iters, **metrics})
     checkpoint(cfg.max_iters, metrics)
-    print(f"reward offset {model.offset.item():.4f}: the SFT policy's answers now average 0; saved {ckpt_path}")
+    print(f"reward offset {model.offset.item():.4f}: {policy_paths(cfg)[0]}'s answers now average 0; saved "
+          f"{ckpt_path}")
     return model, metrics
 
 

@@ -31,7 +31,7 @@ def main(argv=None):
     cfg.seed = first["seed"]
     cfg.max_prompt_tokens, cfg.max_answer_tokens = first["max_prompt_tokens"], first["max_answer_tokens"]
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    groups = train_reward.task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+    groups = train_reward.task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
     n_pairs = len(train_reward.comparison_pairs(groups)[0])
     print(f"{len(groups)} held-out prompts, {n_pairs} pairs of the SFT policy's answers")
     for path in argv[1:]:

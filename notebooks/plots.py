@@ -11,6 +11,8 @@ call these functions one by one; the command line writes them all as PNGs:
     ppo.png              PPO: reward-model score, gold score and KL to the reference per iteration
     reward_hacking.png   the same run with kl_coef = 0 beside the normal one
     attention.png        the attention pattern of one head of the SFT model on one prompt
+    rounds.png           RLHF in rounds (ROUNDS=3 bash pipeline.sh): gold and reward-model score per
+                         round, and whether round 2's reward model still pays for round 1's hack
 
 Every plot function takes one run folder or a list of them (the same pipeline with other seeds): each
 run is drawn as a thin line, and with several runs their mean as a thick one.
@@ -89,7 +91,7 @@ def reward_distributions(run, n=256):
     model = model_from_checkpoint(ckpt).eval()
     policy = policy_from_checkpoint(load_checkpoint(Path(run) / "sft" / "ckpt.pt", ("sft", "ppo"))).eval()
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    groups = train_reward.task_comparisons(policy, tok, n, "eval", cfg.seed + 3, trunc, cfg)
+    groups = train_reward.task_comparisons([policy], tok, n, "eval", cfg.seed + 3, trunc, cfg)
     better, worse, _ = train_reward.comparison_pairs(groups)
     rewards = train_reward.raw_rewards(model, groups, tok.eos_id, cfg.batch_size, torch.device("cpu")) - model.offset
     return rewards[better], rewards[worse]
@@ -156,6 +158,63 @@ def plot_reward_hacking(out):
     return fig
 
 
+def rounds_of(run):
+    """The PPO folder of each finished round: round 1 is ppo/, round r >= 2 is round<r>/ppo/."""
+    folders, r = [run / "ppo"], 2
+    while (run / f"round{r}" / "ppo" / "metrics.jsonl").exists():
+        folders.append(run / f"round{r}" / "ppo")
+        r += 1
+    return folders
+
+
+def hack_views(run):
+    """How far the unleashed policy of round 1 (ppo_nokl) scores above the leashed one (ppo), by round
+    1's reward model, by round 2's, and by the gold judge: (rm1, rm2, gold)."""
+    last = {name: [r for r in read_log(run / name / "metrics.jsonl") if "eval_reward" in r][-1]
+            for name in ("ppo", "ppo_nokl")}
+    final = read_log(run / "round2" / "reward" / "metrics.jsonl")[-1]
+    leashed, unleashed = (str(run / name / "ckpt.pt") for name in ("ppo", "ppo_nokl"))
+    return (last["ppo_nokl"]["eval_reward"] - last["ppo"]["eval_reward"],
+            final["policy_reward"][unleashed] - final["policy_reward"][leashed],
+            last["ppo_nokl"]["eval_gold"] - last["ppo"]["eval_gold"])
+
+
+def plot_rounds(out):
+    runs = as_runs(out)
+    many = len(runs) > 1
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    golds, starts, ends = [], [], []
+    for run in runs:
+        logs = [[r for r in read_log(f / "metrics.jsonl") if "eval_reward" in r] for f in rounds_of(run)]
+        golds.append([logs[0][0]["eval_gold"]] + [log[-1]["eval_gold"] for log in logs])
+        starts.append([log[0]["eval_reward"] for log in logs])
+        ends.append([log[-1]["eval_reward"] for log in logs])
+    n = min(len(g) for g in golds)
+    mean = lambda rows, k: [sum(r[i] for r in rows) / len(rows) for i in range(k)]  # noqa: E731
+    for g in golds:
+        ax1.plot(range(len(g)), g, "o-", color="C2", lw=0.8 if many else 1.5, alpha=0.45 if many else 1)
+    if many:
+        ax1.plot(range(n), mean(golds, n), "o-", color="C2", lw=2.2, label=f"mean of {len(runs)} seeds")
+        ax1.legend(fontsize=8)
+    ax1.set(xlabel="round (0: the SFT policy)", ylabel="mean gold score, held-out prompts", xticks=range(n),
+            title="the gold score after each round")
+    for i, (s, e) in enumerate(zip(mean(starts, n - 1), mean(ends, n - 1))):
+        ax2.annotate("", (i + 1, e), (i + 1, s), arrowprops=dict(arrowstyle="->", color="C0", lw=2))
+        ax2.plot([i + 1, i + 1], [s, e], "o", color="C0", markersize=4)
+    ax2.set(xlabel="round", ylabel="reward-model score, held-out prompts", xticks=range(1, n), xlim=(0.5, n - 0.5),
+            title="each round's PPO, by that round's reward model" + (f" (mean of {len(runs)})" if many else ""))
+    if all((run / "round2" / "reward" / "metrics.jsonl").exists() and (run / "ppo_nokl").exists() for run in runs):
+        views = [hack_views(run) for run in runs]
+        names = ["round 1's\nreward model", "round 2's\nreward model", "gold judge"]
+        ax3.bar(names, mean(views, 3), color=["C0", "C1", "C2"], alpha=0.7)
+        for v in views:
+            ax3.plot(names, v, "k.", alpha=0.6)
+        ax3.axhline(0, color="k", lw=0.8)
+        ax3.set(ylabel="score(unleashed) - score(leashed)", title="round 1's reward hack, judged again")
+    fig.tight_layout()
+    return fig
+
+
 @torch.no_grad()
 def attention_pattern(model, tok, prompt, answer, layer=0, head=0):
     """softmax(q k^T / sqrt(hs)) of one head, recomputed from the block's own weights (the naive path)."""
@@ -203,6 +262,8 @@ def main(argv=None):
     figures = {"sft": plot_sft, "reward_model": plot_reward_model, "ppo": plot_ppo, "attention": plot_attention}
     if all((r / "ppo_nokl" / "metrics.jsonl").exists() for r in runs):
         figures["reward_hacking"] = plot_reward_hacking
+    if all((r / "round2" / "ppo" / "metrics.jsonl").exists() for r in runs):
+        figures["rounds"] = plot_rounds
     for name, make in figures.items():
         fig = make(runs)
         fig.savefig(to / f"{name}.png", dpi=120)

@@ -70,7 +70,7 @@ def test_offset_makes_the_sft_answers_average_zero(reward_run, sft_run):
     cfg.max_prompt_tokens = ckpt["train_args"]["max_prompt_tokens"]
     cfg.max_answer_tokens = ckpt["train_args"]["max_answer_tokens"]
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    own = train_reward.task_comparisons(policy, tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+    own = train_reward.task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
     with torch.no_grad():
         rewards = train_reward.raw_rewards(rm, own, tok.eos_id, cfg.batch_size, torch.device("cpu")) - rm.offset
     assert rewards.mean().item() == pytest.approx(0.0, abs=1e-4)

@@ -212,6 +212,26 @@ def test_compact_vocabulary_round_trips_everything_the_task_writes():
         tok.encode(" The sea is turquoise.")
 
 
+def test_compact_vocabulary_reads_back_whatever_a_model_writes():
+    """A model can join table tokens into words GPT-2 reads as other tokens (" looks" + "o" is " look" +
+    "so" to GPT-2). spell=True reads any text made of table tokens back into table tokens with the same
+    text, and notes the words it spelled; without it, such text is refused as before."""
+    tok = task_tokenizer()
+    rng = random.Random(0)
+    pieces = [i for i in range(tok.vocab_size) if i != tok.eos_id]
+    texts = [tok.decode(rng.choices(pieces, k=rng.randint(1, 20))) for _ in range(300)]
+    assert any(not all(i in tok.compact_id for i in tok.bpe.encode_ordinary(t)) for t in texts)  # the case exists
+    for text in texts:
+        ids = tok.encode(text, spell=True)
+        assert tok.decode(ids) == text and tok.eos_id not in ids, text
+    lookso = tok.encode(" The house" + tok.decode(tok.encode(" looks")) + "o is dark.", spell=True)
+    assert tok.decode(lookso) == " The house lookso is dark." and tok.spelled[-1] == " lookso"
+    with pytest.raises(Exception, match="outside the compact vocabulary"):
+        tok.encode(" The house lookso is dark.")
+    with pytest.raises(Exception, match="outside the compact vocabulary"):  # no table token holds a Z
+        tok.encode(" Zebra", spell=True)
+
+
 def test_gpt2_tokenizer_is_tiktoken_untouched():
     tok = Tokenizer()
     assert tok.table is None and tok.vocab_size == 50257 and tok.eos_id == 50256

@@ -1,0 +1,86 @@
+"""RLHF in rounds through pipeline.sh, as a user runs it: a two-round run of tiny stages, stopped in the
+middle of round 2's PPO and continued with RESUME=1."""
+
+import json
+import os
+import subprocess
+
+from conftest import REPO
+
+from model import load_checkpoint
+
+TINY = {  # every stage in seconds: what is checked here is the plumbing of the rounds, not learning
+    "SFT_FLAGS": "--max_iters 30 --n_train 500 --n_eval 20 --eval_prompts 16 --eval_interval 30",
+    "REWARD_FLAGS": "--n_train 24 --n_eval 16 --k 4 --batch_size 8 --max_iters 6 --eval_interval 6",
+    "PPO_FLAGS": "--n_prompts 64 --iterations 4 --prompts_per_iter 8 --minibatch_size 8 --eval_prompts 16 "
+                 "--eval_interval 2 --sample_interval 2",
+}
+
+# Loaded by every python process of the first run (PYTHONPATH): round 2's PPO dies right after its first
+# checkpoint, as a run stopped by hand (Ctrl-C) would.
+STOP_IN_ROUND_2 = """
+import sys
+if any("round2/ppo" in arg for arg in sys.argv):
+    import model
+    real_save = model.save_checkpoint
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+    model.save_checkpoint = save_then_stop
+"""
+
+
+def pipeline(out, hook_dir=None, **env):
+    env = {**os.environ, **TINY, "OUT": str(out), "ROUNDS": "2", "OMP_NUM_THREADS": "1", **env}
+    if hook_dir:
+        env["PYTHONPATH"] = str(hook_dir)
+    proc = subprocess.run(["bash", "pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
+    out, hook = tmp_path / "out", tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_IN_ROUND_2)
+
+    code, first_log = pipeline(out, hook)
+    assert code != 0 and "stopped; run the same command with --resume" in first_log, first_log[-2000:]
+    assert "round2/ppo stopped (exit 130); RESUME=1" in first_log  # what pipeline.sh says to do
+    finished = ["sft", "reward", "ppo", "ppo_nokl", "round2/reward"]
+    assert all((out / stage / "done").is_file() for stage in finished)
+    assert (out / "round2" / "ppo" / "ckpt.pt").is_file() and not (out / "round2" / "ppo" / "done").exists()
+    kept = {stage: (out / stage / "ckpt.pt").stat().st_mtime_ns for stage in finished}
+
+    code, log = pipeline(out, RESUME="1")
+    assert code == 0, log[-3000:]
+    for stage in finished:  # finished stages are kept, not run again
+        assert f"{stage}: finished before, kept" in log
+        assert (out / stage / "ckpt.pt").stat().st_mtime_ns == kept[stage]
+    assert f"resuming {out}/round2/ppo/ckpt.pt at iteration 2" in log
+    steps = [r["step"] for r in read_log(out / "round2" / "ppo" / "metrics.jsonl") if "reward" in r]
+    assert steps == [1, 2, 3, 4]  # each iteration once: the stopped run's two, then the resumed run's two
+
+    # round 2: the labellers ranked answers of round 1's two policies; its reward model started from round
+    # 1's and trained on both rounds' comparisons; its PPO started from round 1's policy, SFT the reference
+    reward2 = load_checkpoint(out / "round2" / "reward" / "ckpt.pt", "reward")
+    args = reward2["train_args"]
+    assert args["policy"] == f"{out}/ppo/ckpt.pt,{out}/ppo_nokl/ckpt.pt"
+    assert args["extra_data"] == f"{out}/reward/comparisons.jsonl" and args["init"] == f"{out}/reward/ckpt.pt"
+    n_round1 = len((out / "reward" / "comparisons.jsonl").read_text().splitlines())
+    n_round2 = len((out / "round2" / "reward" / "comparisons.jsonl").read_text().splitlines())
+    assert n_round1 > 0 and n_round2 > 0
+    assert f"data: {n_round1 + n_round2} prompts" in first_log
+    final = read_log(out / "round2" / "reward" / "metrics.jsonl")[-1]
+    assert set(final["policy_reward"]) == {f"{out}/ppo/ckpt.pt", f"{out}/ppo_nokl/ckpt.pt"}
+    assert abs(final["policy_reward"][f"{out}/ppo/ckpt.pt"]) < 1e-4  # the offset: round 1's policy scores 0
+    ppo2 = load_checkpoint(out / "round2" / "ppo" / "ckpt.pt", "ppo")["train_args"]
+    assert ppo2["policy"] == f"{out}/ppo/ckpt.pt" and ppo2["sft"] == f"{out}/sft/ckpt.pt"
+    assert ppo2["reward"] == f"{out}/round2/reward/ckpt.pt"
+
+    assert (out / "rounds.png").is_file() and "## Rounds" in (out / "report.md").read_text()
+    times = (out / "times.txt").read_text()
+    assert "round2/reward" in times and "round2/ppo" in times
