@@ -21,6 +21,9 @@ OUT=${OUT:-out}
 SEED=${SEED:-1337}
 ROUNDS=${ROUNDS:-1}
 RESUME=${RESUME:-0}
+usage() { echo "pipeline.sh: $1" >&2; exit 2; }
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage "ROUNDS=$ROUNDS: give the number of rounds, 1 or more"
+[[ $RESUME =~ ^[01]$ ]] || usage "RESUME=$RESUME: use 1 (keep the finished stages) or 0"
 read -r -a sft_flags <<< "${SFT_FLAGS:-}"
 read -r -a reward_flags <<< "${REWARD_FLAGS:-}"
 read -r -a ppo_flags <<< "${PPO_FLAGS:-}"
@@ -35,9 +38,14 @@ timed() {  # timed NAME COMMAND...: run it, and note how long it took
 }
 
 stage() {  # stage DIR COMMAND...: a training stage writing DIR/ckpt.pt; with RESUME=1 a finished one is
-    local dir=$1  # kept and a started one continues from its checkpoint
+    local dir=$1  # kept (if the same command made it) and a started one continues from its checkpoint
     shift
     if [ "$RESUME" = 1 ] && [ -f "$dir/done" ]; then
+        if [ "$(cat "$dir/done")" != "$*" ]; then
+            echo "pipeline.sh: $dir was made by another command ($(cat "$dir/done")); RESUME=1 needs the same" \
+                "SEED and flags, or remove $dir to train it again" >&2
+            exit 2
+        fi
         echo "${dir#"$OUT"/}: finished before, kept"
         return
     fi
@@ -51,7 +59,7 @@ stage() {  # stage DIR COMMAND...: a training stage writing DIR/ckpt.pt; with RE
             "the finished stages and continues this one from its last checkpoint" >&2
         exit $status
     }
-    touch "$dir/done"
+    echo "$*" > "$dir/done"  # the command that finished it
 }
 
 sft=$OUT/sft/ckpt.pt

@@ -43,6 +43,9 @@ def read_log(path):
 
 
 def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
+    """The round folders, round 2's data (both round-1 policies ranked, both rounds' comparisons trained
+    on), and RESUME=1 after a stop inside round 2's PPO: the finished stages kept, the stopped one
+    continued from its checkpoint, each iteration logged once."""
     out, hook = tmp_path / "out", tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(STOP_IN_ROUND_2)
@@ -82,5 +85,19 @@ def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
     assert ppo2["reward"] == f"{out}/round2/reward/ckpt.pt"
 
     assert (out / "rounds.png").is_file() and "## Rounds" in (out / "report.md").read_text()
+
+    # a finished stage is kept only for the command that made it: another seed must not reuse it silently
+    code, log = pipeline(out, RESUME="1", SEED="7")
+    assert code == 2 and f"pipeline.sh: {out}/sft was made by another command" in log and "Traceback" not in log
     times = (out / "times.txt").read_text()
     assert "round2/reward" in times and "round2/ppo" in times
+
+
+def test_bad_rounds_and_resume_values_are_one_line(tmp_path):
+    """ROUNDS and RESUME are checked before any stage runs: one line, exit 2."""
+    for env, message in ((dict(ROUNDS="three"), "ROUNDS=three: give the number of rounds"),
+                         (dict(ROUNDS="0"), "ROUNDS=0: give the number of rounds"),
+                         (dict(RESUME="yes"), "RESUME=yes: use 1")):
+        code, log = pipeline(tmp_path / "out", **env)
+        assert code == 2 and log.startswith(f"pipeline.sh: {message}") and len(log.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()  # refused before anything is made
