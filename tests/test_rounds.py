@@ -21,6 +21,7 @@ TINY = {  # every stage in seconds: what is checked here is the plumbing of the 
 STOP_IN_ROUND_2 = """
 import sys
 if any("round2/ppo" in arg for arg in sys.argv):
+    sys.path.insert(0, {repo!r})  # site runs this before the script's folder is on the path
     import model
     real_save = model.save_checkpoint
     def save_then_stop(*args, **kwargs):
@@ -48,7 +49,7 @@ def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
     continued from its checkpoint, each iteration logged once."""
     out, hook = tmp_path / "out", tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(STOP_IN_ROUND_2)
+    (hook / "sitecustomize.py").write_text(STOP_IN_ROUND_2.format(repo=str(REPO)))
 
     code, first_log = pipeline(out, hook)
     assert code != 0 and "stopped; run the same command with --resume" in first_log, first_log[-2000:]
