@@ -453,8 +453,10 @@ class RewardModel(nn.Module):
 
     def forward(self, idx, attention_mask):
         hidden = self.transformer(idx, attention_mask)  # (B, T, C)
+        # exercise reward_at_eos: h_last (B, C), hidden at each row's last real token (last_token_index)
         last = last_token_index(attention_mask)  # (B,)
         h_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
+        # end exercise
         return self.reward_head(h_last) - self.offset  # (B,)
 
 

@@ -163,10 +163,12 @@ def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
 
     logp - logp_ref is the sampled estimate of KL(pi || pi_ref) at that token: its expectation under
     the policy is the KL. It lands only where the policy acted (not on the prompt, not on padding)."""
+    # exercise kl_rewards: kl = logp - logp_ref on the actions; rewards = -kl_coef * kl, + score at the last action
     kl = (logp - logp_ref) * action_mask  # (B, T)
     rewards = -kl_coef * kl
     rewards[torch.arange(len(score)), last_token_index(action_mask)] += score
     return rewards, kl
+    # end exercise
 
 
 def gae(rewards, values, action_mask, gamma, lam):
@@ -174,6 +176,7 @@ def gae(rewards, values, action_mask, gamma, lam):
 
     V(s) after the last action is 0: the episode ended. Walks backwards over the columns; positions
     outside the answer stay 0."""
+    # exercise gae: from the last column back: delta_t, A_t = delta_t + gamma lam A_t+1, zero off the mask
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
@@ -186,6 +189,7 @@ def gae(rewards, values, action_mask, gamma, lam):
         next_value = values[:, t] * m
     returns = (advantages + values) * action_mask
     return advantages, returns
+    # end exercise
 
 
 def masked_mean(x, mask):
@@ -202,10 +206,12 @@ def masked_whiten(x, mask, eps=1e-8):
 def ppo_policy_loss(logp, logp_old, advantages, action_mask, clip_eps):
     """The clipped surrogate: take the pessimistic one of the unclipped and clipped objectives, so that
     a ratio pushed beyond 1 +- clip_eps earns nothing more. Returns (loss, clip fraction, approx KL)."""
+    # exercise policy_loss: ratio = exp(logp - logp_old); loss = masked_mean of max(-A ratio, -A clip(ratio))
     ratio = torch.exp(logp - logp_old)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     loss = masked_mean(torch.max(unclipped, clipped), action_mask)
+    # end exercise
     # the fraction of tokens whose ratio left [1 - clip_eps, 1 + clip_eps], as CleanRL and the PPO paper
     # log it: how far one rollout's updates move the policy (on about half of them the clip binds)
     clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), action_mask)
@@ -218,11 +224,13 @@ def ppo_policy_loss(logp, logp_old, advantages, action_mask, clip_eps):
 def ppo_value_loss(values, values_old, returns, action_mask, clip_value):
     """0.5 * squared error, clipped around the rollout's values like the policy ratio: the pessimistic
     (larger) of the two errors. Returns (loss, value clip fraction)."""
+    # exercise value_loss: 0.5 masked_mean of the larger squared error, V or V clipped to values_old +- clip_value
     values_clipped = values_old + torch.clamp(values - values_old, -clip_value, clip_value)
     err = (values - returns) ** 2
     err_clipped = (values_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(err, err_clipped), action_mask)
     return loss, masked_mean((err_clipped > err).float(), action_mask)
+    # end exercise
 
 
 class AdaptiveKLController:

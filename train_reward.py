@@ -26,12 +26,14 @@ the SFT policy answers each training prompt K times and the simulated labellers 
 
 RLHF runs in rounds (InstructGPT; Llama 2 ran five): the best policy so far answers new prompts, the
 labellers rank those answers, and the reward model is trained again on every round's comparisons
-(--policy names the policies that answer, --extra_data the earlier rounds' comparisons.jsonl). Each
-round starts again from the SFT weights rather than from the last reward model: one training run on
-all comparisons weights every round alike, where fine-tuning the last model would favour the newest.
+(--policy names the policies that answer, --extra_data the earlier rounds' comparisons.jsonl). A round
+starts from the last round's reward model (--init) and trains it on all of them, the old comparisons
+too, so that it keeps what it learned; started again from the SFT weights, the same steps on twice the
+data left it weaker than the model it replaced (bench/RESULTS.md).
 
 The reward only has meaning up to a constant (Bradley-Terry sees differences), so after training we
-pick the constant: the SFT policy's own answers to held-out prompts score 0 on average. PPO then starts
+pick the constant: the SFT policy's own answers to held-out prompts (in a later round, the answers of
+the policy PPO starts from) score 0 on average. PPO then starts
 from rewards near 0, which keeps its value targets and its KL trade-off on a sane scale.
 
     python train_reward.py                          # built-in task, from out/sft/ckpt.pt, CPU
@@ -124,10 +126,12 @@ def check_config(cfg):
 def bradley_terry_loss(r_chosen, r_rejected, margin=None):
     """-log sigmoid(r_chosen - r_rejected [- margin]), one value per pair. logsigmoid, not
     log(sigmoid(.)): for a badly wrong pair sigmoid underflows to 0 and the log to -inf."""
+    # exercise bt_loss: -log sigmoid(r_chosen - r_rejected - margin) per pair via F.logsigmoid; margin may be None
     diff = r_chosen - r_rejected
     if margin is not None:
         diff = diff - margin
     return -F.logsigmoid(diff)
+    # end exercise
 
 
 def comparison_pairs(groups):

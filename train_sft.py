@@ -100,9 +100,11 @@ def sft_batch(examples, pad_id, device="cpu"):
     position t predicts seq[t+1], which is in the answer iff t+1 >= len(prompt)."""
     seqs = [p + a for p, a in examples]
     idx, mask = pad_batch([s[:-1] for s in seqs], pad_id=pad_id)  # (B, T)
+    # exercise sft_mask: targets (B, T) IGNORE, except answer token a[i] at column len(p) - 1 + i
     targets = torch.full_like(idx, IGNORE)
     for b, (p, a) in enumerate(examples):
         targets[b, len(p) - 1 : len(p) - 1 + len(a)] = torch.tensor(a)
+    # end exercise
     return idx.to(device), targets.to(device), mask.to(device)
 
 

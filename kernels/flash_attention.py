@@ -165,6 +165,7 @@ def _attn_fwd_kernel(
             allowed = allowed & (k_pos[None, :] <= q_pos[:, None])  # (BLOCK_M, BLOCK_N)
         s = tl.where(allowed, s, float("-inf"))
 
+        # exercise online_softmax: update m_i, l_i, acc as above; exp2(-inf - -inf) is NaN in an empty row
         m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
         # A row that has seen no allowed key yet has m_new = -inf, and exp2(-inf - (-inf)) = NaN.
         # Subtracting 0 instead gives p = exp2(-inf) = 0 and alpha = 0: the row stays empty.
@@ -175,6 +176,7 @@ def _attn_fwd_kernel(
         # P is rounded to the input dtype for the tensor-core matmul; the sum above used fp32 p.
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_BF16_DOT)  # (BLOCK_M, HEAD_DIM)
         m_i = m_new
+        # end exercise
 
     # Rows with no allowed key (left padding) have l_i == 0 and acc == 0: output 0, lse 0 (any finite
     # value works, the backward masks those scores to -inf before using lse).

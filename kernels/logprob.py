@@ -130,6 +130,7 @@ def _logprobs_fwd_kernel(
         # -inf in the padding (the last block sticks out past V unless V is a multiple of BLOCK_V):
         # a padded column is then exactly a masked token, which adds nothing.
         s = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        # exercise logprob_lse: update m, shift, d and w as above, with alpha = exp(m - shift_new)
         m_new = tl.maximum(m, tl.max(s, axis=0))
         shift_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - shift_new)  # 0 while m = -inf: nothing to rescale yet
@@ -140,6 +141,7 @@ def _logprobs_fwd_kernel(
         d = alpha * d + tl.sum(e, axis=0)
         m = m_new
         shift = shift_new
+        # end exercise
 
     # A row with no finite logit (d = 0) has no distribution: logp -inf, entropy 0 and, in the
     # backward, zero gradient. log_d = log 0 = -inf is saved for the backward to recognise it.
