@@ -112,6 +112,8 @@ def check_config(cfg):
     check_choice(cfg, "candidates", ("policy", "demonstrator"))
     check(not cfg.policy or (cfg.data == "default" and cfg.candidates == "policy"),
           "--policy only fits --data default with --candidates policy (the built-in task's labellers rank its answers)")
+    check(all(policy_paths(cfg)) and all(extra_paths(cfg)),
+          "--policy and --extra_data take paths separated by commas, none of them empty")
     check(len(policy_paths(cfg)) <= cfg.k, f"--k {cfg.k} gives fewer answers per prompt than there are --policy "
           "checkpoints")
     check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
@@ -279,6 +281,10 @@ def policy_paths(cfg):
     return cfg.policy.split(",") if cfg.policy else [cfg.sft]
 
 
+def extra_paths(cfg):
+    return cfg.extra_data.split(",") if cfg.extra_data else []
+
+
 def per_policy(values, groups, n_policies):
     """The mean of one value per answer of the groups (a reward, a gold score), for each policy."""
     sources = torch.tensor([s for g in groups for s in g["sources"]])
@@ -320,6 +326,12 @@ def main(cfg):
         policies.append(policy_from_checkpoint(ckpt, cfg.attn_impl).to(device).eval())
     policy = policies[0]
     fit_lengths(cfg, policy.config.block_size)
+    # every other input read now, before the minutes of sampling: a wrong path fails at once
+    init_ckpt = load_checkpoint(cfg.init, "reward") if cfg.init and not cfg.resume else None
+    if init_ckpt and init_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+        raise DataError(f"{cfg.init} was trained with another tokenizer than {cfg.sft}; pass a reward model trained "
+                        "from it")
+    extra_records = {path: load_preferences(path) for path in extra_paths(cfg)}
 
     # --- data: comparisons -> groups {prompt ids, answer ids best-first, scores}, tokenized once ---
     t0 = time.time()
@@ -343,8 +355,8 @@ def main(cfg):
             train_records, eval_records = train_records[:-n_eval], train_records[-n_eval:]
         train_groups = file_comparisons(train_records, tok, trunc, cfg.data)
         eval_groups = file_comparisons(eval_records, tok, trunc, cfg.eval_data or cfg.data)
-    for path in cfg.extra_data.split(",") if cfg.extra_data else []:
-        extra = file_comparisons(load_preferences(path), tok, trunc, path)
+    for path, records in extra_records.items():
+        extra = file_comparisons(records, tok, trunc, path)
         print(f"{path}: {len(extra)} more comparisons to train on")
         train_groups += extra
     if tok.spelled:
@@ -364,11 +376,7 @@ def main(cfg):
         resume_ckpt = load_checkpoint(ckpt_path, "reward")
         model, start_iter = model_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
         print(f"resuming {ckpt_path} at step {start_iter}")
-    elif cfg.init:
-        init_ckpt = load_checkpoint(cfg.init, "reward")
-        if init_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
-            raise DataError(f"{cfg.init} was trained with another tokenizer than {cfg.sft}; pass a reward model "
-                            "trained from it")
+    elif init_ckpt:
         model = model_from_checkpoint(init_ckpt, cfg.attn_impl)
         model.offset.zero_()  # chosen again at the end, for this round's policy
     else:

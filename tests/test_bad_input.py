@@ -197,6 +197,25 @@ def test_bad_settings(tmp_path, ckpts, script, args, expected):
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
+@pytest.mark.parametrize("script, flags, expected", [
+    ("train_reward.py", ["--policy", "{sft},,{sft}"], "none of them empty"),
+    ("train_reward.py", ["--policy", "{reward}"], "is a 'reward' checkpoint, but a 'sft'"),
+    ("train_reward.py", ["--init", "{sft}"], "is a 'sft' checkpoint, but a 'reward'"),
+    ("train_reward.py", ["--extra_data", "{shared}/malformed_preferences.jsonl"], "malformed_preferences.jsonl:2:"),
+    ("train_reward.py", ["--extra_data", "{tmp}/missing.jsonl"], "missing.jsonl: no such data file"),
+    ("train_ppo.py", ["--policy", "{reward}"], "is a 'reward' checkpoint, but a 'sft'"),
+])
+def test_a_later_round_inputs_fail_before_any_sampling(tmp_path, ckpts, script, flags, expected):
+    """The checkpoints and files a later RLHF round names are read first: a wrong one is one line at
+    once, not after minutes of sampling answers (no comparisons.jsonl, no checkpoint written)."""
+    paths = {"sft": ckpts / "sft" / "ckpt.pt", "reward": ckpts / "reward" / "ckpt.pt", "shared": SHARED_DATA,
+             "tmp": tmp_path}
+    stage_args = ["--sft", paths["sft"]] + (["--reward", paths["reward"]] if script == "train_ppo.py" else [])
+    code, out = run_script(script, *stage_args, "--out_dir", tmp_path / "o", *[f.format(**paths) for f in flags])
+    assert_one_error(code, out, expected)
+    assert not (tmp_path / "o" / "comparisons.jsonl").exists() and not (tmp_path / "o" / "ckpt.pt").exists()
+
+
 @pytest.mark.parametrize("script", ["train_sft.py", "train_reward.py", "train_ppo.py"])
 def test_out_dir_that_is_a_file(tmp_path, script):
     (tmp_path / "taken").write_text("a file, not a folder")
