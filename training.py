@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import field, fields
 from pathlib import Path
 
@@ -202,7 +203,9 @@ class Progress:
 
 def run(main):
     """Run a script's main. A bad file, flag or checkpoint (LoadError, UsageError) is one `error:` line
-    and exit code 2, no traceback; Ctrl-C says how to continue."""
+    and exit code 2, no traceback; Ctrl-C says how to continue. A warning (e.g. a kernel falling back to
+    PyTorch on a CPU) is one `warning:` line, without the source line Python would print under it."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         main()
     except (LoadError, UsageError) as e:
