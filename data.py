@@ -176,11 +176,13 @@ def task_tokenizer():
 # JSONL readers
 
 
-def read_jsonl(path):
-    """(line number, object) for each non-blank line; any other line is an error naming the line."""
+def read_jsonl(path, flag="--data"):
+    """(line number, object) for each non-blank line; any other line is an error naming the line. `flag`
+    is the command-line flag that named the file, for the error if there is no such file."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file; pass a JSONL file, or --data default for the built-in task")
+        fix = ", or --data default for the built-in task" if flag == "--data" else ""
+        raise DataError(f"{path}: no such data file; pass a JSONL file to {flag}{fix}")
     records = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -292,13 +294,13 @@ def _ranking(path, lineno, obj, skipped):
     return record
 
 
-def load_preferences(path):
+def load_preferences(path, flag="--data"):
     """Reward-model data: generic {prompt, chosen, rejected[, scores]}, K-wise rankings, HH-RLHF
     dialogues, or TL;DR comparisons, each line recognised by its keys. Returns records
     {"prompt", "answers" (best first)[, "scores"]}: a pair is a ranking of two. A tie or a skip (label.py)
     teaches no order and is skipped."""
     out, skipped = [], Skipped(path)
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in read_jsonl(path, flag):
         if "summaries" in obj:  # TL;DR comparisons
             info, summaries, choice = obj.get("info"), obj.get("summaries"), obj.get("choice")
             if (not isinstance(info, dict) or not isinstance(summaries, list) or len(summaries) != 2
@@ -337,12 +339,12 @@ def load_preferences(path):
     return out
 
 
-def load_demonstrations(path):
+def load_demonstrations(path, flag="--data"):
     """SFT data: {prompt, response} lines, TL;DR {subreddit, title, post, summary} lines, or preference
     data (generic, rankings or HH-RLHF), whose best answer is taken as the demonstration, as is usual
     for SFT on HH-RLHF."""
     out, skipped = [], Skipped(path)
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in read_jsonl(path, flag):
         if "response" not in obj and ("chosen" in obj or "answers" in obj):
             if "answers" in obj:
                 ranking = _ranking(path, lineno, obj, skipped)
@@ -372,10 +374,10 @@ def load_demonstrations(path):
     return out
 
 
-def load_prompts(path):
+def load_prompts(path, flag="--data"):
     """Prompts for PPO from any of the formats above (only the prompt is kept), or {prompt} lines."""
     out, skipped = [], Skipped(path)
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in read_jsonl(path, flag):
         if "prompt" in obj:
             _fields(path, lineno, obj, ("prompt",))
             prompt = obj["prompt"]

@@ -122,8 +122,10 @@ def policy_items(cfg, device):
     block = model.config.block_size
     check(cfg.max_new_tokens < block, f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in "
                                       f"{cfg.policy}'s block size {block}")
-    prompts = load_prompts(cfg.prompts)[: cfg.n or None] if cfg.prompts else task.make_prompts(cfg.n, "train",
-                                                                                                cfg.seed)
+    if cfg.prompts:
+        prompts = load_prompts(cfg.prompts, "--prompts")[: cfg.n or None]
+    else:
+        prompts = task.make_prompts(cfg.n, "train", cfg.seed)
     trunc = Truncation(block - cfg.max_new_tokens, cfg.max_new_tokens)
     prompt_ids = [encode_prompt(tok, p, trunc, cfg.prompts or "prompt") for p in prompts]
     if trunc.prompts_cut:
@@ -262,7 +264,7 @@ def session(cfg, device):
     if cfg.policy:
         items = policy_items(cfg, device)
     else:
-        items = candidate_items(load_preferences(cfg.candidates), cfg.n, cfg.seed)
+        items = candidate_items(load_preferences(cfg.candidates, "--candidates"), cfg.n, cfg.seed)
     n_all, items = len(items), [item for item in items if len(item[1]) >= 2]
     check(items, f"none of the {n_all} prompts has 2 distinct answers to rank"
           + (": try a higher --temperature" if cfg.policy else ""))

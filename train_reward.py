@@ -331,7 +331,7 @@ def main(cfg):
     if init_ckpt and init_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
         raise DataError(f"{cfg.init} was trained with another tokenizer than {cfg.sft}; pass a reward model trained "
                         "from it")
-    extra_records = {path: load_preferences(path) for path in extra_paths(cfg)}
+    extra_records = {path: load_preferences(path, "--extra_data") for path in extra_paths(cfg)}
 
     # --- data: comparisons -> groups {prompt ids, answer ids best-first, scores}, tokenized once ---
     t0 = time.time()
@@ -349,7 +349,7 @@ def main(cfg):
     else:
         train_records = load_preferences(cfg.data)
         if cfg.eval_data:
-            eval_records = load_preferences(cfg.eval_data)
+            eval_records = load_preferences(cfg.eval_data, "--eval_data")
         else:
             n_eval = max(1, len(train_records) // 10)
             train_records, eval_records = train_records[:-n_eval], train_records[-n_eval:]

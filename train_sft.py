@@ -181,7 +181,7 @@ def main(cfg):
     else:
         train_rows = load_demonstrations(cfg.data)
         if cfg.eval_data:
-            eval_rows = load_demonstrations(cfg.eval_data)
+            eval_rows = load_demonstrations(cfg.eval_data, "--eval_data")
         else:
             n_eval = max(1, len(train_rows) // 10)
             train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]

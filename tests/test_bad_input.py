@@ -91,7 +91,7 @@ def test_missing_and_empty_data_files(tmp_path, ckpts, script):
     args = {"train_sft.py": [], "train_reward.py": ["--sft", ckpts / "sft" / "ckpt.pt"],
             "train_ppo.py": ["--sft", ckpts / "sft" / "ckpt.pt", "--reward", ckpts / "reward" / "ckpt.pt"]}[script]
     code, out = run_script(script, "--data", tmp_path / "nope.jsonl", "--out_dir", tmp_path / "o", *args)
-    assert_one_error(code, out, "nope.jsonl: no such data file")
+    assert_one_error(code, out, "nope.jsonl: no such data file; pass a JSONL file to --data, or --data default")
     empty = jsonl(tmp_path / "empty.jsonl", "", "  ")
     code, out = run_script(script, "--data", empty, "--out_dir", tmp_path / "o", *args)
     assert_one_error(code, out, "empty.jsonl: the file holds no records")
@@ -202,7 +202,8 @@ def test_bad_settings(tmp_path, ckpts, script, args, expected):
     ("train_reward.py", ["--policy", "{reward}"], "is a 'reward' checkpoint, but a 'sft'"),
     ("train_reward.py", ["--init", "{sft}"], "is a 'sft' checkpoint, but a 'reward'"),
     ("train_reward.py", ["--extra_data", "{shared}/malformed_preferences.jsonl"], "malformed_preferences.jsonl:2:"),
-    ("train_reward.py", ["--extra_data", "{tmp}/missing.jsonl"], "missing.jsonl: no such data file"),
+    ("train_reward.py", ["--extra_data", "{tmp}/missing.jsonl"], "missing.jsonl: no such data file; pass a JSONL file "
+     "to --extra_data"),
     ("train_ppo.py", ["--policy", "{reward}"], "is a 'reward' checkpoint, but a 'sft'"),
 ])
 def test_a_later_round_inputs_fail_before_any_sampling(tmp_path, ckpts, script, flags, expected):

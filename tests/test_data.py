@@ -97,9 +97,11 @@ def test_malformed_lines_are_named(tmp_path, line, message):
         load_preferences(SHARED_DATA / "malformed_preferences.jsonl")
 
 
-def test_missing_file():
-    with pytest.raises(DataError, match="no such data file"):
+def test_missing_file_names_the_flag_that_named_it():
+    with pytest.raises(DataError, match="nope.jsonl: no such data file; pass a JSONL file to --data, or --data def"):
         load_demonstrations(REPO / "nope.jsonl")
+    with pytest.raises(DataError, match="to --candidates$"):  # label.py's flag; --data default means nothing there
+        load_preferences(REPO / "nope.jsonl", "--candidates")
 
 
 def test_truncation_is_explicit_and_counted():
