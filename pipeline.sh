@@ -55,8 +55,12 @@ stage() {  # stage DIR COMMAND...: a training stage writing DIR/ckpt.pt; with RE
     fi
     timed "${dir#"$OUT"/}" "$@" || {
         local status=$?
-        echo "pipeline.sh: ${dir#"$OUT"/} stopped (exit $status); RESUME=1 with the same OUT, SEED and ROUNDS keeps" \
-            "the finished stages and continues this one from its last checkpoint" >&2
+        if [ $status = 2 ]; then  # the script refused its input and said why, in the line above
+            echo "pipeline.sh: ${dir#"$OUT"/} refused its input (exit 2): fix what the error says and run again" >&2
+        else
+            echo "pipeline.sh: ${dir#"$OUT"/} stopped (exit $status); RESUME=1 with the same OUT, SEED and ROUNDS" \
+                "keeps the finished stages and continues this one from its last checkpoint" >&2
+        fi
         exit $status
     }
     echo "$*" > "$dir/done"  # the command that finished it
