@@ -200,8 +200,8 @@ def evaluate(model, eval_groups, pad_id, cfg, device):
         "eval_loss": sum(losses) / len(r_c),
         "eval_accuracy": pair_accuracy(r_c, r_r).mean().item(),
         "eval_margin": (r_c - r_r).mean().item(),
-        "reward_chosen_mean": r_c.mean().item(), "reward_chosen_std": r_c.std().item(),
-        "reward_rejected_mean": r_r.mean().item(), "reward_rejected_std": r_r.std().item(),
+        "reward_chosen_mean": r_c.mean().item(), "reward_chosen_std": r_c.std(correction=0).item(),
+        "reward_rejected_mean": r_r.mean().item(), "reward_rejected_std": r_r.std(correction=0).item(),
     }
     if all(g.get("gold") for g in eval_groups):
         gold_c, gold_r = gold_of_pairs(eval_groups)

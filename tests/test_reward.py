@@ -46,6 +46,16 @@ def test_reward_batch_ends_each_answer_with_eos_and_the_model_reads_it():
     assert torch.allclose(batch[1], alone[0], atol=1e-5)
 
 
+def test_evaluate_on_a_single_held_out_pair_is_finite():
+    """A tiny --n_eval can leave one pair: every metric is still a number (a sample std of one value is NaN)."""
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
+    groups = [{"prompt": [1, 2], "answers": [[3, 4], [5]], "gold": [2.0, 1.0]}]
+    metrics = train_reward.evaluate(rm, groups, 0, Config(), torch.device("cpu"))
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["reward_chosen_std"] == 0.0 and metrics["gold_agreement"] == 0.5  # the zero head ties it
+
+
 def test_short_run_beats_chance_on_held_out_pairs(reward_run):
     out, cfg, model, metrics = reward_run
     # The bar. Chance is 0.5 on both measures. The labels are noisy (they agree with the gold judge on
