@@ -124,6 +124,7 @@ END_TO_END = (
     "tests/test_reward.py::test_short_run_beats_chance_on_held_out_pairs",
     "tests/test_reward.py::test_offset_makes_the_sft_answers_average_zero",
     "tests/test_reward.py::test_wrong_stage_checkpoint_is_a_one_line_error",
+    "tests/test_reward.py::test_evaluate_on_a_single_held_out_pair_is_finite",
     "tests/test_ppo.py::test_short_run_raises_reward_and_keeps_reference_frozen",
     "tests/test_ppo.py::test_resume_continues_exactly",
     "tests/test_bad_input.py",
