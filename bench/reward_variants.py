@@ -18,6 +18,7 @@ average of the weights as well. A cache made with n_train=N serves any n_train <
 """
 
 import copy
+import math
 import os
 import pickle
 import sys
@@ -72,17 +73,17 @@ def agreement_by_kind(model, groups, kinds, pad_id):
     """Agreement with the gold judge on the held-out pairs it does not call a tie, per kind of prompt
     and for close (gold gap <= 0.5) and clear pairs."""
     rewards = tr.raw_rewards(model, groups, pad_id, 64, torch.device("cpu"))
-    stats, offset = defaultdict(lambda: [0, 0]), 0
-    for g, kind in zip(groups, kinds):
-        n = len(g["answers"])
-        r, offset = rewards[offset : offset + n], offset + n
-        for i in range(n):
-            for j in range(i + 1, n):
-                a, b = g["gold"][i], g["gold"][j]
-                if a != b:
-                    for key in (kind, "close" if abs(a - b) <= 0.5 else "clear"):
-                        stats[key][0] += float((r[i] > r[j]) == (a > b))
-                        stats[key][1] += 1
+    better, worse, _ = tr.comparison_pairs(groups)
+    gold_b, gold_w = tr.gold_of_pairs(groups)
+    pair_kinds = [kind for g, kind in zip(groups, kinds) for _ in range(math.comb(len(g["answers"]), 2))]
+    agree = ((rewards[better] > rewards[worse]) == (gold_b > gold_w)).tolist()
+    gaps = (gold_b - gold_w).abs().tolist()
+    stats = defaultdict(lambda: [0, 0])
+    for kind, hit, gap in zip(pair_kinds, agree, gaps):
+        if gap > 0:  # a gold tie says nothing about order
+            for key in (kind, "close" if gap <= 0.5 else "clear"):
+                stats[key][0] += hit
+                stats[key][1] += 1
     return " ".join(f"{k} {hits / n:.2f} (n={n})" for k, (hits, n) in sorted(stats.items()))
 
 
@@ -124,8 +125,11 @@ def main():
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     ema = copy.deepcopy(model).eval() if ema_decay else None
     suffix = tok.encode("\n\nAssistant:")
-    pooled = Pooled(model, suffix, variant) if variant in ("sum", "mean", "meanall") else model
-    pooled_ema = Pooled(ema, suffix, variant) if ema is not None and pooled is not model else ema
+
+    def scorer(m):  # what gives a sequence its reward: the model itself, or its head pooled over the answer
+        return Pooled(m, suffix, variant) if m is not None and variant in ("sum", "mean", "meanall") else m
+
+    pooled, pooled_ema = scorer(model), scorer(ema)
     device = torch.device("cpu")
     train_s, t0 = 0.0, time.time()
     for it in range(cfg.max_iters):
@@ -134,10 +138,8 @@ def main():
         if variant == "pl":
             idx, mask = tr.reward_batch(groups, tok.eos_id, device)
             loss = plackett_luce_loss(model(idx, mask).float(), groups)
-        elif variant in ("sum", "mean", "meanall"):
+        else:  # Bradley-Terry on all pairs, with the reward read at the last token or pooled
             loss, _, _ = tr.pair_loss(pooled, groups, tok.eos_id, 0.0, device)
-        else:
-            loss, _, _ = tr.pair_loss(model, groups, tok.eos_id, 0.0, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
