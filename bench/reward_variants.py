@@ -14,7 +14,10 @@ pl (Plackett-Luce: the log-likelihood of the whole ranking, the labellers' own n
 Bradley-Terry with the head pooled over the tokens instead: mean or sum (over the answer's tokens, its
 EOS included), meanall (the mean over every token, the prompt's too). key=value: any train_reward.py flag
 (n_train, max_iters, lr, min_lr, batch_size, seed, ...), and ema=DECAY to evaluate an exponential moving
-average of the weights as well. A cache made with n_train=N serves any n_train <= N.
+average of the weights as well. A cache made with n_train=N serves any n_train <= N. order=N trains on the
+same cached comparisons (those of seed) in another order of the batches: seed N for the order alone.
+
+    for n in 11 12 13 14; do python bench/reward_variants.py SFT_CKPT CACHE.pkl bt order=$n; done
 """
 
 import copy
@@ -94,7 +97,8 @@ def main():
     sft_path, cache, variant = sys.argv[1:4]
     opts = dict(arg.split("=", 1) for arg in sys.argv[4:])
     ema_decay = float(opts.pop("ema", 0))
-    cfg = parse_args(tr.Config, [f"--{k}={v}" for k, v in opts.items()])
+    cfg = parse_args(tr.Config, [f"--{k}={v}" for k, v in opts.items() if k != "order"])
+    order_seed = int(opts.get("order", cfg.seed))  # the seed of the batches' order (the comparisons: cfg.seed)
     sft = load_checkpoint(sft_path, ("sft", "ppo"))
     tok = Tokenizer.from_state(sft["tokenizer"])
     policy = policy_from_checkpoint(sft).eval()
@@ -118,7 +122,7 @@ def main():
     train_groups = train_groups[: cfg.n_train]
     kinds = [task.parse_prompt(tok.decode(g["prompt"])).kind for g in eval_groups]
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(order_seed)
     model = RewardModel(policy.config)
     model.transformer.load_state_dict(policy.transformer.state_dict())
     model.train()
@@ -134,7 +138,7 @@ def main():
     train_s, t0 = 0.0, time.time()
     for it in range(cfg.max_iters):
         set_lr(optimizer, warmup_cosine(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters))
-        groups = [train_groups[i] for i in batch_indices(it, len(train_groups), cfg.batch_size, cfg.seed)]
+        groups = [train_groups[i] for i in batch_indices(it, len(train_groups), cfg.batch_size, order_seed)]
         if variant == "pl":
             idx, mask = tr.reward_batch(groups, tok.eos_id, device)
             loss = plackett_luce_loss(model(idx, mask).float(), groups)
