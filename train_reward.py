@@ -90,7 +90,7 @@ class Config:
     max_iters: int = flag(500, "optimizer steps")
     # Half of SFT's rate: at 2e-3 the order of the batches alone decided which facts the head learned to
     # check from these noisy labels (gold agreement 0.66 to 0.83 on one set of comparisons); at 1e-3 the
-    # runs came out higher and closer together (bench/RESULTS.md).
+    # orders came out within 0.02 of each other, a little higher on average (bench/RESULTS.md).
     lr: float = flag(1e-3, "peak learning rate (use ~1e-5 for GPT-2 weights)")
     min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(20, "linear warmup steps")
