@@ -8,11 +8,18 @@
 #   PPO_FLAGS="--iterations 300" bash pipeline.sh   # and SFT_FLAGS, REWARD_FLAGS to one stage's script
 #   ROUNDS=3 bash pipeline.sh              # RLHF in rounds (below); round r >= 2 in $OUT/round<r>/
 #   RESUME=1 bash pipeline.sh              # keep the finished stages, continue the stopped one
+#   OMP_NUM_THREADS=1 bash pipeline.sh     # one thread per process: the two PPO runs go side by side
+#   SIDE_BY_SIDE=0 bash pipeline.sh        # ... or never (e.g. a GPU with room for one run at a time)
 #
 # Rounds (InstructGPT, Llama 2): round 1 is the pipeline above. In round r >= 2 the simulated labellers
 # rank answers of round r-1's policies (in round 2 also the unleashed one's: its hacks get labelled),
 # a reward model is trained from the SFT weights on the comparisons of every round so far, and PPO
 # continues from round r-1's policy, still held by the KL penalty to the SFT model, the reference.
+#
+# The two round-1 PPO runs differ only in kl_coef, so they can run at the same time: side by side when
+# OMP_NUM_THREADS is set and the machine has a core for every thread of both (on 2 cores: one thread
+# each). Not otherwise: two processes of two threads on a 2-core CPU took 5x longer than one after the
+# other (bench/RESULTS.md). Each process computes exactly what it computes alone. SIDE_BY_SIDE=0: never.
 #
 # Each stage's wall time is appended to $OUT/times.txt.
 set -euo pipefail
@@ -21,9 +28,11 @@ OUT=${OUT:-out}
 SEED=${SEED:-1337}
 ROUNDS=${ROUNDS:-1}
 RESUME=${RESUME:-0}
+SIDE_BY_SIDE=${SIDE_BY_SIDE:-auto}
 usage() { echo "pipeline.sh: $1" >&2; exit 2; }
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage "ROUNDS=$ROUNDS: give the number of rounds, 1 or more"
 [[ $RESUME =~ ^[01]$ ]] || usage "RESUME=$RESUME: use 1 (keep the finished stages) or 0"
+[[ $SIDE_BY_SIDE =~ ^(auto|0)$ ]] || usage "SIDE_BY_SIDE=$SIDE_BY_SIDE: use auto (when the cores allow) or 0 (never)"
 read -r -a sft_flags <<< "${SFT_FLAGS:-}"
 read -r -a reward_flags <<< "${REWARD_FLAGS:-}"
 read -r -a ppo_flags <<< "${PPO_FLAGS:-}"
@@ -69,10 +78,26 @@ stage() {  # stage DIR COMMAND...: a training stage writing DIR/ckpt.pt; with RE
 sft=$OUT/sft/ckpt.pt
 stage "$OUT/sft" python train_sft.py --out_dir "$OUT/sft" --seed "$SEED" "${sft_flags[@]}" "$@"
 stage "$OUT/reward" python train_reward.py --sft "$sft" --out_dir "$OUT/reward" --seed "$SEED" "${reward_flags[@]}" "$@"
+nokl=(python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo_nokl" --kl_coef 0
+      --seed "$SEED" "${ppo_flags[@]}" "$@")
+threads=${OMP_NUM_THREADS:-0} cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
+if [ "$SIDE_BY_SIDE" = auto ] && [[ $threads =~ ^[1-9][0-9]*$ ]] && ((2 * threads <= cores)); then
+    echo "ppo_nokl: runs beside ppo (OMP_NUM_THREADS=$threads, $cores cores); its output goes to $OUT/ppo_nokl.log"
+    # a stopped pipeline stops it too: a background job ignores Ctrl-C
+    trap 'pkill -P "$beside" 2>/dev/null; kill "$beside" 2>/dev/null; true' EXIT
+    stage "$OUT/ppo_nokl" "${nokl[@]}" > "$OUT/ppo_nokl.log" 2>&1 &
+    beside=$!
+fi
 stage "$OUT/ppo" python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo" \
     --seed "$SEED" "${ppo_flags[@]}" "$@"
-stage "$OUT/ppo_nokl" python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" \
-    --out_dir "$OUT/ppo_nokl" --kl_coef 0 --seed "$SEED" "${ppo_flags[@]}" "$@"
+if [ -n "${beside:-}" ]; then
+    wait "$beside" || { status=$?; tail -n 4 "$OUT/ppo_nokl.log" >&2; exit $status; }
+    trap - EXIT
+    # its last eval (or "finished before, kept"), as it would have printed it here
+    grep -E "^(iteration [0-9]+:|ppo_nokl: finished)" "$OUT/ppo_nokl.log" | tail -n 1 | sed "s/^iteration/ppo_nokl: iteration/" || true
+else
+    stage "$OUT/ppo_nokl" "${nokl[@]}"
+fi
 
 policies=$OUT/ppo/ckpt.pt,$OUT/ppo_nokl/ckpt.pt  # whose answers round 2's labellers rank
 comparisons=$OUT/reward/comparisons.jsonl        # every round's comparisons so far

@@ -30,6 +30,17 @@ if any("round2/ppo" in arg for arg in sys.argv):
     model.save_checkpoint = save_then_stop
 """
 
+# The no-KL PPO run crashes as it loads its first checkpoint.
+CRASH_NO_KL = """
+import sys
+if "--kl_coef" in sys.argv:
+    sys.path.insert(0, {repo!r})
+    import model
+    def broken(*args, **kwargs):
+        raise RuntimeError("the no-KL run broke")
+    model.load_checkpoint = broken
+"""
+
 
 def pipeline(out, hook_dir=None, **env):
     env = {**os.environ, **TINY, "OUT": str(out), "ROUNDS": "2", "OMP_NUM_THREADS": "1", **env}
@@ -92,6 +103,39 @@ def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
     assert code == 2 and f"pipeline.sh: {out}/sft was made by another command" in log and "Traceback" not in log
     times = (out / "times.txt").read_text()
     assert "round2/reward" in times and "round2/ppo" in times
+
+
+def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pipeline(tmp_path):
+    """With one thread per process and two cores, round 1's two PPO runs go side by side: the no-KL run
+    logs to ppo_nokl.log and computes exactly what it computes alone; if it fails, the pipeline says so
+    (with the end of its log) and stops, after the leashed run has finished."""
+    out = tmp_path / "out"
+    code, log = pipeline(out, ROUNDS="1")
+    assert code == 0, log[-3000:]
+    if len(os.sched_getaffinity(0)) < 2:  # one core: one after the other, as before
+        assert "runs beside ppo" not in log and not (out / "ppo_nokl.log").exists()
+        return
+    assert "ppo_nokl: runs beside ppo (OMP_NUM_THREADS=1" in log and "ppo_nokl: iteration 4: eval reward" in log
+    saved = f"saved {out}/ppo_nokl/ckpt.pt"  # its output is in its log; the pipeline shows its last eval only
+    assert log.count(saved) == 1 and (out / "ppo_nokl.log").read_text().count(saved) == 2
+
+    alone = tmp_path / "alone"  # the same command, run by itself
+    command = (out / "ppo_nokl" / "done").read_text().split()
+    command[command.index("--out_dir") + 1] = str(alone)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, cwd=REPO, env=env, capture_output=True, check=True, timeout=300)
+    def untimed(path):  # every logged value but the speeds
+        return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in read_log(path)]
+    assert untimed(alone / "metrics.jsonl") == untimed(out / "ppo_nokl" / "metrics.jsonl")
+
+    hook = tmp_path / "hook"  # the no-KL run crashes at its start; RESUME=1 keeps sft, reward and ppo
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASH_NO_KL.format(repo=str(REPO)))
+    (out / "ppo_nokl" / "done").unlink()
+    code, log = pipeline(out, hook, ROUNDS="1", RESUME="1")
+    assert code == 1 and "RuntimeError: the no-KL run broke" in log
+    assert log.strip().splitlines()[-1].startswith("pipeline.sh: ppo_nokl stopped (exit 1); RESUME=1")
+    assert "ppo: finished before, kept" in log and not (out / "ppo_nokl" / "done").exists()
 
 
 def test_bad_rounds_and_resume_values_are_one_line(tmp_path):
