@@ -21,7 +21,7 @@
 # each). Not otherwise: two processes of two threads on a 2-core CPU took 5x longer than one after the
 # other (bench/RESULTS.md). Each process computes exactly what it computes alone. SIDE_BY_SIDE=0: never.
 #
-# Each stage's wall time is appended to $OUT/times.txt.
+# Each stage's wall time is appended to $OUT/times.txt, and at the end the whole command's.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
@@ -119,4 +119,5 @@ done
 
 timed figures python notebooks/plots.py "$OUT"
 timed report python report.py "$OUT"
+echo "pipeline $SECONDS s" >> "$OUT/times.txt"  # this command's wall time: the PPO runs may have overlapped
 echo "pipeline done in $SECONDS s; figures in $OUT/*.png; stage times in $OUT/times.txt"

@@ -49,7 +49,9 @@ def run_numbers(run):
         "no-KL RM score": last(nokl, "eval_reward"),
         "no-KL gold": last(nokl, "eval_gold"),
         "no-KL gold - SFT gold": last(nokl, "eval_gold") - gold_sft,
-        "wall time (s)": sum(times.values()) if times else float("nan"),
+        # pipeline.sh's own line for the whole command (its PPO runs may overlap), else round 1's stages' sum
+        "wall time (s)": times.pop("pipeline", None) or (sum(t for name, t in times.items() if "/" not in name)
+                                                          if times else float("nan")),
         **{f"  {name} (s)": seconds for name, seconds in times.items()},
     }
 

@@ -112,6 +112,8 @@ def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pip
     out = tmp_path / "out"
     code, log = pipeline(out, ROUNDS="1")
     assert code == 0, log[-3000:]
+    seconds = int(log.split("pipeline done in ")[1].split()[0])  # the whole command's time, in times.txt too
+    assert (out / "times.txt").read_text().splitlines()[-1] == f"pipeline {seconds} s"
     if len(os.sched_getaffinity(0)) < 2:  # one core: one after the other, as before
         assert "runs beside ppo" not in log and not (out / "ppo_nokl.log").exists()
         return
