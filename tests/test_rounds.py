@@ -43,7 +43,7 @@ if "--kl_coef" in sys.argv:
 
 
 def pipeline(out, hook_dir=None, **env):
-    env = {**os.environ, **TINY, "OUT": str(out), "ROUNDS": "2", "OMP_NUM_THREADS": "1", **env}
+    env = {**os.environ, **TINY, "OUT": str(out), "ROUNDS": "2", "OMP_NUM_THREADS": "1", "SIDE_BY_SIDE": "0", **env}
     if hook_dir:
         env["PYTHONPATH"] = str(hook_dir)
     proc = subprocess.run(["bash", "pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -65,6 +65,7 @@ def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
     code, first_log = pipeline(out, hook)
     assert code != 0 and "stopped; run the same command with --resume" in first_log, first_log[-2000:]
     assert "round2/ppo stopped (exit 130); RESUME=1" in first_log  # what pipeline.sh says to do
+    assert "runs beside ppo" not in first_log  # SIDE_BY_SIDE=0: one after the other
     finished = ["sft", "reward", "ppo", "ppo_nokl", "round2/reward"]
     assert all((out / stage / "done").is_file() for stage in finished)
     assert (out / "round2" / "ppo" / "ckpt.pt").is_file() and not (out / "round2" / "ppo" / "done").exists()
@@ -108,9 +109,9 @@ def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
 def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pipeline(tmp_path):
     """With one thread per process and two cores, round 1's two PPO runs go side by side: the no-KL run
     logs to ppo_nokl.log and computes exactly what it computes alone; if it fails, the pipeline says so
-    (with the end of its log) and stops, after the leashed run has finished."""
+    (with the end of its log) and stops. (The other tests here run them one after the other.)"""
     out = tmp_path / "out"
-    code, log = pipeline(out, ROUNDS="1")
+    code, log = pipeline(out, ROUNDS="1", SIDE_BY_SIDE="auto")
     assert code == 0, log[-3000:]
     seconds = int(log.split("pipeline done in ")[1].split()[0])  # the whole command's time, in times.txt too
     assert (out / "times.txt").read_text().splitlines()[-1] == f"pipeline {seconds} s"
@@ -134,17 +135,18 @@ def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pip
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASH_NO_KL.format(repo=str(REPO)))
     (out / "ppo_nokl" / "done").unlink()
-    code, log = pipeline(out, hook, ROUNDS="1", RESUME="1")
+    code, log = pipeline(out, hook, ROUNDS="1", RESUME="1", SIDE_BY_SIDE="auto")
     assert code == 1 and "RuntimeError: the no-KL run broke" in log
     assert log.strip().splitlines()[-1].startswith("pipeline.sh: ppo_nokl stopped (exit 1); RESUME=1")
     assert "ppo: finished before, kept" in log and not (out / "ppo_nokl" / "done").exists()
 
 
 def test_bad_rounds_and_resume_values_are_one_line(tmp_path):
-    """ROUNDS and RESUME are checked before any stage runs: one line, exit 2."""
+    """ROUNDS, RESUME and SIDE_BY_SIDE are checked before any stage runs: one line, exit 2."""
     for env, message in ((dict(ROUNDS="three"), "ROUNDS=three: give the number of rounds"),
                          (dict(ROUNDS="0"), "ROUNDS=0: give the number of rounds"),
-                         (dict(RESUME="yes"), "RESUME=yes: use 1")):
+                         (dict(RESUME="yes"), "RESUME=yes: use 1"),
+                         (dict(SIDE_BY_SIDE="1"), "SIDE_BY_SIDE=1: use auto (when the cores allow) or 0")):
         code, log = pipeline(tmp_path / "out", **env)
         assert code == 2 and log.startswith(f"pipeline.sh: {message}") and len(log.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()  # refused before anything is made
