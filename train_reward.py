@@ -87,6 +87,8 @@ class Config:
     max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
     max_answer_tokens: int = flag(0, "answers longer than this are cut (0: 1/4 of the block size)")
     batch_size: int = flag(16, "prompts per step (each with its 2 or K answers)")
+    length_buckets: int = flag(4, "run each batch's answers sorted by length in this many slices (less padding; "
+                               "1: one padded batch, which a GPU may prefer)")
     max_iters: int = flag(500, "optimizer steps")
     # Half of SFT's rate: at 2e-3 the order of the batches alone decided which facts the head learned to
     # check from these noisy labels (gold agreement 0.66 to 0.83 on one set of comparisons); at 1e-3 the
@@ -105,7 +107,7 @@ class Config:
 
 def check_config(cfg):
     """Every flag checked before any work starts."""
-    check_positive(cfg, "n_train", "n_eval", "batch_size", "max_iters", "lr", "eval_interval")
+    check_positive(cfg, "n_train", "n_eval", "batch_size", "length_buckets", "max_iters", "lr", "eval_interval")
     check(cfg.k >= 2, f"--k must be at least 2 (a ranking compares two or more answers), got {cfg.k}")
     check(cfg.label_noise >= 0 and cfg.margin_coef >= 0, "--label_noise and --margin_coef must be >= 0")
     check(cfg.min_lr >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.warmup_iters >= 0,
@@ -169,17 +171,35 @@ def pair_accuracy(r_chosen, r_rejected):
     return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
 
 
+def answer_sequences(groups):
+    """prompt + answer token ids of every answer of every group, in the order comparison_pairs counts them."""
+    return [g["prompt"] + answer for g in groups for answer in g["answers"]]
+
+
 def reward_batch(groups, pad_id, device):
     """All answers of all groups as one right-padded batch of prompt + answer token ids."""
-    seqs = [g["prompt"] + answer for g in groups for answer in g["answers"]]
-    return pad_batch(seqs, pad_id=pad_id, device=device)  # (n_answers, T) x 2
+    return pad_batch(answer_sequences(groups), pad_id=pad_id, device=device)  # (n_answers, T) x 2
 
 
-def pair_loss(model, groups, pad_id, margin_coef, device):
+def answer_rewards(model, groups, pad_id, device, length_buckets=1):
+    """The reward of every answer of the groups, in the order of answer_sequences.
+
+    The answers run sorted by length in `length_buckets` slices, so that a short answer is not padded
+    to the longest of the whole batch: on the built-in task a third of one padded batch is padding,
+    compute a CPU spends for nothing. The rewards are the same up to float rounding."""
+    seqs = answer_sequences(groups)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    rewards = []
+    for bucket in torch.tensor(order).tensor_split(min(length_buckets, len(seqs))):
+        idx, mask = pad_batch([seqs[i] for i in bucket], pad_id=pad_id, device=device)
+        with autocast(device):
+            rewards.append(model(idx, mask).float())
+    return torch.cat(rewards)[torch.tensor(order).argsort().to(device)]  # back in batch order
+
+
+def pair_loss(model, groups, pad_id, margin_coef, device, length_buckets=1):
     """Mean Bradley-Terry loss over every pair of the batch, and the rewards of each pair's two answers."""
-    idx, mask = reward_batch(groups, pad_id, device)
-    with autocast(device):
-        rewards = model(idx, mask).float()  # (n_answers,)
+    rewards = answer_rewards(model, groups, pad_id, device, length_buckets)  # (n_answers,)
     better, worse, gap = comparison_pairs(groups)
     margin = margin_coef * gap.to(device) if margin_coef > 0 else None
     loss = bradley_terry_loss(rewards[better], rewards[worse], margin).mean()
@@ -194,7 +214,8 @@ def evaluate(model, eval_groups, pad_id, cfg, device):
     model.eval()
     losses, r_c, r_r = [], [], []
     for start in range(0, len(eval_groups), cfg.batch_size):
-        loss, rc, rr = pair_loss(model, eval_groups[start : start + cfg.batch_size], pad_id, cfg.margin_coef, device)
+        loss, rc, rr = pair_loss(model, eval_groups[start : start + cfg.batch_size], pad_id, cfg.margin_coef, device,
+                                 cfg.length_buckets)
         losses.append(loss.item() * len(rc))
         r_c.append(rc)
         r_r.append(rr)
@@ -295,15 +316,14 @@ def per_policy(values, groups, n_policies):
 
 
 @torch.no_grad()
-def raw_rewards(model, groups, pad_id, batch_size, device):
+def raw_rewards(model, groups, pad_id, batch_size, device, length_buckets=1):
     """The reward of every answer of the groups before the offset is subtracted."""
     was_training = model.training
     model.eval()
     rewards = []
     for start in range(0, len(groups), batch_size):
-        idx, mask = reward_batch(groups[start : start + batch_size], pad_id, device)
-        with autocast(device):
-            rewards.append(model(idx, mask).float() + model.offset)
+        rewards.append(answer_rewards(model, groups[start : start + batch_size], pad_id, device, length_buckets)
+                       + model.offset)
     model.train(was_training)
     return torch.cat(rewards)
 
@@ -407,7 +427,7 @@ def main(cfg):
     for it in range(start_iter, cfg.max_iters):
         set_lr(optimizer, lr := warmup_cosine(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters))
         groups = [train_groups[i] for i in batch_indices(it, len(train_groups), cfg.batch_size, cfg.seed)]
-        loss, r_chosen, r_rejected = pair_loss(model, groups, tok.eos_id, cfg.margin_coef, device)
+        loss, r_chosen, r_rejected = pair_loss(model, groups, tok.eos_id, cfg.margin_coef, device, cfg.length_buckets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
@@ -444,13 +464,14 @@ def main(cfg):
         prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts] if prompts else [g["prompt"] for g in eval_groups]
         answers = sample_answers(policy, prompt_ids, cfg.max_answer_tokens, tok.eos_id, temperature=1.0, seed=cfg.seed)
         own = [{"prompt": p, "answers": [a]} for p, a in zip(prompt_ids, answers)]
-    model.offset.fill_(raw_rewards(model, own, tok.eos_id, cfg.batch_size, device).mean().item())
+    model.offset.fill_(raw_rewards(model, own, tok.eos_id, cfg.batch_size, device, cfg.length_buckets).mean().item())
     metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
     metrics["offset"] = model.offset.item()
     if cfg.data == "default" and cfg.candidates == "policy" and len(policies) > 1:
         # how this reward model sees each policy's answers, beside the gold judge: does it still reward a
         # policy that hacked an earlier reward model?
-        rewards = raw_rewards(model, eval_groups, tok.eos_id, cfg.batch_size, device).cpu() - model.offset
+        rewards = raw_rewards(model, eval_groups, tok.eos_id, cfg.batch_size, device, cfg.length_buckets).cpu()
+        rewards -= model.offset
         gold = torch.tensor([score for g in eval_groups for score in g["gold"]])
         metrics["policy_reward"] = dict(zip(policy_paths(cfg), per_policy(rewards, eval_groups, len(policies))))
         metrics["policy_gold"] = dict(zip(policy_paths(cfg), per_policy(gold, eval_groups, len(policies))))

@@ -46,6 +46,29 @@ def test_reward_batch_ends_each_answer_with_eos_and_the_model_reads_it():
     assert torch.allclose(batch[1], alone[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("buckets", [2, 3, 16])
+def test_length_buckets_give_each_answer_its_own_reward_and_gradient(buckets):
+    """Sorted by length and run in slices, every answer keeps its place in the batch, its reward and its
+    gradient; more slices than answers is one answer per slice."""
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    torch.nn.init.normal_(rm.reward_head.proj.weight)
+    lengths = [[5, 1, 9], [3, 12], [7, 2, 4, 11]]  # answers of three prompts, not in order of length
+    groups = [{"prompt": torch.randint(1, 50, (4 + i,)).tolist(),
+               "answers": [torch.randint(1, 50, (n,)).tolist() for n in answer_lengths]}
+              for i, answer_lengths in enumerate(lengths)]
+    idx, mask = reward_batch(groups, 0, "cpu")
+    one_batch = rm(idx, mask)
+    weights = torch.randn(len(one_batch))  # a loss that tells the answers apart
+    (one_batch * weights).sum().backward()
+    grads = [p.grad.clone() for p in rm.parameters()]
+    rm.zero_grad()
+    bucketed = train_reward.answer_rewards(rm, groups, 0, torch.device("cpu"), buckets)
+    (bucketed * weights).sum().backward()
+    assert torch.allclose(bucketed, one_batch, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(rm.parameters(), grads))
+
+
 def test_evaluate_on_a_single_held_out_pair_is_finite():
     """A tiny --n_eval can leave one pair: every metric is still a number (a sample std of one value is NaN)."""
     torch.manual_seed(0)
