@@ -8,18 +8,19 @@
 #   PPO_FLAGS="--iterations 300" bash pipeline.sh   # and SFT_FLAGS, REWARD_FLAGS to one stage's script
 #   ROUNDS=3 bash pipeline.sh              # RLHF in rounds (below); round r >= 2 in $OUT/round<r>/
 #   RESUME=1 bash pipeline.sh              # keep the finished stages, continue the stopped one
-#   OMP_NUM_THREADS=1 bash pipeline.sh     # one thread per process: the two PPO runs go side by side
-#   SIDE_BY_SIDE=0 bash pipeline.sh        # ... or never (e.g. a GPU with room for one run at a time)
+#   OMP_NUM_THREADS=1 bash pipeline.sh     # one thread per process (the two PPO runs go side by side)
+#   SIDE_BY_SIDE=0 bash pipeline.sh        # the two PPO runs one after the other (e.g. a small GPU)
 #
 # Rounds (InstructGPT, Llama 2): round 1 is the pipeline above. In round r >= 2 the simulated labellers
 # rank answers of round r-1's policies (in round 2 also the unleashed one's: its hacks get labelled),
 # a reward model is trained from the SFT weights on the comparisons of every round so far, and PPO
 # continues from round r-1's policy, still held by the KL penalty to the SFT model, the reference.
 #
-# The two round-1 PPO runs differ only in kl_coef, so they can run at the same time: side by side when
-# OMP_NUM_THREADS is set and the machine has a core for every thread of both (on 2 cores: one thread
-# each). Not otherwise: two processes of two threads on a 2-core CPU took 5x longer than one after the
-# other (bench/RESULTS.md). Each process computes exactly what it computes alone. SIDE_BY_SIDE=0: never.
+# The two round-1 PPO runs differ only in kl_coef, so they run at the same time, side by side, when the
+# machine has a core for every thread of both: OMP_NUM_THREADS threads each, or, unset, half the cores
+# each (on 2 cores: one thread each). Never more: two processes of two threads on a 2-core CPU took 5x
+# longer than one after the other (bench/RESULTS.md). Each process computes exactly what it computes
+# alone with as many threads. SIDE_BY_SIDE=0: one after the other, with the threads of the other stages.
 #
 # Each stage's wall time is appended to $OUT/times.txt, and at the end the whole command's.
 set -euo pipefail
@@ -78,24 +79,25 @@ stage() {  # stage DIR COMMAND...: a training stage writing DIR/ckpt.pt; with RE
 sft=$OUT/sft/ckpt.pt
 stage "$OUT/sft" python train_sft.py --out_dir "$OUT/sft" --seed "$SEED" "${sft_flags[@]}" "$@"
 stage "$OUT/reward" python train_reward.py --sft "$sft" --out_dir "$OUT/reward" --seed "$SEED" "${reward_flags[@]}" "$@"
+ppo=(python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo" --seed "$SEED"
+     "${ppo_flags[@]}" "$@")
 nokl=(python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo_nokl" --kl_coef 0
       --seed "$SEED" "${ppo_flags[@]}" "$@")
-threads=${OMP_NUM_THREADS:-0} cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
+threads=${OMP_NUM_THREADS:-$((cores / 2))}  # unset: half the cores each
 if [ "$SIDE_BY_SIDE" = auto ] && [[ $threads =~ ^[1-9][0-9]*$ ]] && ((2 * threads <= cores)); then
-    echo "ppo_nokl: runs beside ppo (OMP_NUM_THREADS=$threads, $cores cores); its output goes to $OUT/ppo_nokl.log"
+    echo "ppo_nokl: runs beside ppo ($threads of $cores cores each); its output goes to $OUT/ppo_nokl.log"
     # a stopped pipeline stops it too: a background job ignores Ctrl-C
     trap 'pkill -P "$beside" 2>/dev/null; kill "$beside" 2>/dev/null; true' EXIT
-    stage "$OUT/ppo_nokl" "${nokl[@]}" > "$OUT/ppo_nokl.log" 2>&1 &
+    OMP_NUM_THREADS=$threads stage "$OUT/ppo_nokl" "${nokl[@]}" > "$OUT/ppo_nokl.log" 2>&1 &
     beside=$!
-fi
-stage "$OUT/ppo" python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo" \
-    --seed "$SEED" "${ppo_flags[@]}" "$@"
-if [ -n "${beside:-}" ]; then
+    OMP_NUM_THREADS=$threads stage "$OUT/ppo" "${ppo[@]}"
     wait "$beside" || { status=$?; tail -n 4 "$OUT/ppo_nokl.log" >&2; exit $status; }
     trap - EXIT
     # its last eval (or "finished before, kept"), as it would have printed it here
     grep -E "^(iteration [0-9]+:|ppo_nokl: finished)" "$OUT/ppo_nokl.log" | tail -n 1 | sed "s/^iteration/ppo_nokl: iteration/" || true
 else
+    stage "$OUT/ppo" "${ppo[@]}"
     stage "$OUT/ppo_nokl" "${nokl[@]}"
 fi
 

@@ -44,6 +44,7 @@ if "--kl_coef" in sys.argv:
 
 def pipeline(out, hook_dir=None, **env):
     env = {**os.environ, **TINY, "OUT": str(out), "ROUNDS": "2", "OMP_NUM_THREADS": "1", "SIDE_BY_SIDE": "0", **env}
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset
     if hook_dir:
         env["PYTHONPATH"] = str(hook_dir)
     proc = subprocess.run(["bash", "pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -107,7 +108,7 @@ def test_two_rounds_stopped_in_round_2_and_resumed(tmp_path):
 
 
 def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pipeline(tmp_path):
-    """With one thread per process and two cores, round 1's two PPO runs go side by side: the no-KL run
+    """With a core for each thread, round 1's two PPO runs go side by side: the no-KL run
     logs to ppo_nokl.log and computes exactly what it computes alone; if it fails, the pipeline says so
     (with the end of its log) and stops. (The other tests here run them one after the other.)"""
     out = tmp_path / "out"
@@ -118,7 +119,7 @@ def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pip
     if len(os.sched_getaffinity(0)) < 2:  # one core: one after the other, as before
         assert "runs beside ppo" not in log and not (out / "ppo_nokl.log").exists()
         return
-    assert "ppo_nokl: runs beside ppo (OMP_NUM_THREADS=1" in log and "ppo_nokl: iteration 4: eval reward" in log
+    assert "ppo_nokl: runs beside ppo (1 of " in log and "ppo_nokl: iteration 4: eval reward" in log
     saved = f"saved {out}/ppo_nokl/ckpt.pt"  # its output is in its log; the pipeline shows its last eval only
     assert log.count(saved) == 1 and (out / "ppo_nokl.log").read_text().count(saved) == 2
 
@@ -135,7 +136,10 @@ def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pip
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASH_NO_KL.format(repo=str(REPO)))
     (out / "ppo_nokl" / "done").unlink()
-    code, log = pipeline(out, hook, ROUNDS="1", RESUME="1", SIDE_BY_SIDE="auto")
+    # torch's default threads (OMP_NUM_THREADS unset): side by side with half the cores each
+    code, log = pipeline(out, hook, ROUNDS="1", RESUME="1", SIDE_BY_SIDE="auto", OMP_NUM_THREADS=None)
+    cores = len(os.sched_getaffinity(0))
+    assert f"ppo_nokl: runs beside ppo ({cores // 2} of {cores} cores each)" in log
     assert code == 1 and "RuntimeError: the no-KL run broke" in log
     assert log.strip().splitlines()[-1].startswith("pipeline.sh: ppo_nokl stopped (exit 1); RESUME=1")
     assert "ppo: finished before, kept" in log and not (out / "ppo_nokl" / "done").exists()
