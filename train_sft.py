@@ -58,7 +58,9 @@ class Config:
                                   "(0: 1/4 of the block size)")
     batch_size: int = flag(32, "sequences per micro-batch")
     grad_accum: int = flag(1, "micro-batches per optimizer step")
-    max_iters: int = flag(1200, "optimizer steps")
+    # 2000, not 1200: the table of sums is learned late (right sums in 24% of samples at 1200 steps, 35% at
+    # 2000), and the reward model checks the facts its trunk knows (bench/RESULTS.md)
+    max_iters: int = flag(2000, "optimizer steps")
     lr: float = flag(2e-3, "peak learning rate (use ~2e-5 for GPT-2 weights)")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(30, "linear warmup steps")

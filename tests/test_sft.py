@@ -54,7 +54,7 @@ def test_short_run_lowers_eval_loss_and_raises_gold(sft_run):
     assert first["step"] == 0
     assert last["eval_loss"] < 0.25 * first["eval_loss"], (first, last)  # ~6.9 -> ~1.2 nats/token
     # untrained: random tokens (gold near -1.5); after 300 steps: answers in the demonstrations' form
-    # (gold ~0.3; the full 1200-step run reaches ~1.6)
+    # (gold ~0.3; the full 2000-step run reaches ~1.6)
     assert last["gold"] > first["gold"] + 1.2, (first, last)
     ckpt = load_checkpoint(sft_run / "ckpt.pt", "sft")
     assert ckpt["step"] == last["step"] and ckpt["train_args"]["max_iters"] == last["step"]
