@@ -188,13 +188,13 @@ def answer_rewards(model, groups, pad_id, device, length_buckets=1):
     to the longest of the whole batch: on the built-in task a third of one padded batch is padding,
     compute a CPU spends for nothing. The rewards are the same up to float rounding."""
     seqs = answer_sequences(groups)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    order = torch.tensor(sorted(range(len(seqs)), key=lambda i: len(seqs[i])))
     rewards = []
-    for bucket in torch.tensor(order).tensor_split(min(length_buckets, len(seqs))):
+    for bucket in order.tensor_split(min(length_buckets, len(seqs))):
         idx, mask = pad_batch([seqs[i] for i in bucket], pad_id=pad_id, device=device)
         with autocast(device):
             rewards.append(model(idx, mask).float())
-    return torch.cat(rewards)[torch.tensor(order).argsort().to(device)]  # back in batch order
+    return torch.cat(rewards)[order.argsort().to(device)]  # back in batch order
 
 
 def pair_loss(model, groups, pad_id, margin_coef, device, length_buckets=1):
