@@ -400,15 +400,19 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 
 @torch.no_grad()
-def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, seed=0, batch_size=64):
+def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, seed=0, batch_size=64,
+                   on_batch=None):
     """Answers for a list of prompts (token ids), batch_size prompts per generate() call: a list of
-    token-id lists, each with the EOS that ended it (an answer cut at max_new_tokens has none)."""
+    token-id lists, each with the EOS that ended it (an answer cut at max_new_tokens has none).
+    on_batch(n), if given, is called with the number of answers done after each call (a progress bar)."""
     answers = []
     for start in range(0, len(prompt_ids), batch_size):
         tokens, _, answer_mask = model.generate(prompt_ids[start : start + batch_size], max_new_tokens, eos_id,
                                                 temperature=temperature, seed=seed + start)
         answers += [[t for t, keep in zip(row, mask) if keep]
                     for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+        if on_batch:
+            on_batch(len(answers))
     return answers
 
 

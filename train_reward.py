@@ -263,15 +263,19 @@ def task_comparisons(policies, tok, n_prompts, split, seed, trunc, cfg):
     candidates = [[] for _ in prompts]
     sources = [[] for _ in prompts]
     if cfg.candidates == "policy":
+        progress, done = Progress(f"sampling {split} answers", len(prompts) * cfg.k), 0
         for number, policy in enumerate(policies):
             k = cfg.k // len(policies) + (number < cfg.k % len(policies))  # this policy's share of the K answers
             # temperature 1: the policy's own distribution, the one PPO starts sampling from
             samples = sample_answers(policy, [p for p in prompt_ids for _ in range(k)], cfg.max_answer_tokens,
-                                     tok.eos_id, temperature=1.0, seed=seed + 1000 * number)
+                                     tok.eos_id, temperature=1.0, seed=seed + 1000 * number,
+                                     on_batch=lambda n: progress.update(done + n))
+            done += len(samples)
             trunc.answers_seen += len(samples)
             for i in range(len(prompts)):
                 candidates[i] += samples[i * k : (i + 1) * k]
                 sources[i] += [number] * k
+        progress.close()
     else:
         rng = random.Random(f"demonstrator:{split}:{seed}")
         candidates = [[encode_answer(tok, task.sample_answer(p, rng), trunc) for _ in range(cfg.k)] for p in prompts]

@@ -181,19 +181,26 @@ class MetricsLog:
 
 
 class Progress:
-    """A one-line progress bar on a terminal (a plain line per update in a log file or notebook)."""
+    """A one-line progress bar on a terminal (in a log file or notebook, a plain line each twentieth of the
+    way)."""
 
     def __init__(self, name, total, start=0):
         self.name, self.total, self.t0, self.start = name, total, time.time(), start
         self.tty = sys.stderr.isatty()
+        self.shown = -1  # the last twentieth of the way a plain line was printed for
 
     def update(self, step, **metrics):
         done = step / max(self.total, 1)
+        if not self.tty:  # a log file gets a line each twentieth of the way, not one per update
+            if int(20 * done) == self.shown and step < self.total:
+                return
+            self.shown = int(20 * done)
         bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
         elapsed = time.time() - self.t0
         eta = elapsed / max(step - self.start, 1) * (self.total - step)
-        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        line = f"[{self.name}] [{bar}] {step}/{self.total} | {text} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
+        parts = [f"[{self.name}] [{bar}] {step}/{self.total}"]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+        line = " | ".join(parts + [f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left"])
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self):

@@ -9,7 +9,7 @@ import torch
 from model import (
     GPT, GPTConfig, LoadError, PolicyWithValue, RewardModel, attention_naive, attention_sdpa, config_from_preset,
     last_token_index, load_checkpoint, load_gpt2_weights, model_from_checkpoint, policy_from_checkpoint,
-    read_safetensors, save_checkpoint,
+    read_safetensors, sample_answers, save_checkpoint,
 )
 
 transformers = pytest.importorskip("transformers",
@@ -135,6 +135,16 @@ def test_generation_stops_each_row_at_eos_and_is_reproducible():
         gen = row[m.bool()].tolist()
         assert 96 not in gen[:-1]  # nothing is generated after EOS
         assert (row[3:][~m[3:].bool()] == 96).all()  # the tail after a row stops is EOS padding
+
+
+def test_sample_answers_batches_are_the_generate_calls_and_report_progress():
+    model = tiny_gpt()
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8], [9]]
+    done = []
+    answers = sample_answers(model, prompts, 6, eos_id=96, seed=5, batch_size=2, on_batch=done.append)
+    assert done == [2, 4, 5]  # answers finished after each batch: what the reward stage's progress bar shows
+    tokens, _, mask = model.generate(prompts[2:4], 6, eos_id=96, seed=5 + 2)
+    assert answers[2:4] == [[t for t, m in zip(row, keep) if m] for row, keep in zip(tokens.tolist(), mask.tolist())]
 
 
 def test_top_k_1_is_greedy():
