@@ -181,21 +181,23 @@ class MetricsLog:
 
 
 class Progress:
-    """A one-line progress bar on a terminal (in a log file or notebook, a plain line each twentieth of the
-    way)."""
+    """A one-line progress bar on a terminal; in a log file a plain line each twentieth of the way, in a
+    notebook only the finished bar (so that saved outputs stay readable)."""
 
     def __init__(self, name, total, start=0):
         self.name, self.total, self.t0, self.start = name, total, time.time(), start
         self.tty = sys.stderr.isatty()
+        self.notebook = type(sys.stderr).__module__.startswith("ipykernel")
         self.shown = -1  # the last twentieth of the way a plain line was printed for
 
     def update(self, step, **metrics):
         done = step / max(self.total, 1)
-        if not self.tty:  # a log file gets a line each twentieth of the way, not one per update
-            if int(20 * done) == self.shown and step < self.total:
+        filled = int(20 * done)
+        if not self.tty:
+            if (filled == self.shown or self.notebook) and step < self.total:
                 return
-            self.shown = int(20 * done)
-        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+            self.shown = filled
+        bar = "#" * filled + "." * (20 - filled)
         elapsed = time.time() - self.t0
         eta = elapsed / max(step - self.start, 1) * (self.total - step)
         parts = [f"[{self.name}] [{bar}] {step}/{self.total}"]
