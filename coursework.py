@@ -72,7 +72,7 @@ EXERCISES = (
     Exercise("reward_at_eos", "model.py:RewardModel.forward", "Reward model: a scalar head at the last token", (
         "tests/test_model.py::test_reward_model_reads_last_real_token_whatever_the_padding",
         "tests/test_reward.py::test_reward_batch_ends_each_answer_with_eos_and_the_model_reads_it",
-        "tests/test_reward.py::test_length_buckets_give_each_answer_its_own_reward_and_gradient",
+        "tests/test_reward.py::test_shared_prompts_and_length_buckets_give_each_answer_its_own_reward_and_gradient",
     )),
     Exercise("kl_rewards", "train_ppo.py:per_token_rewards", "PPO: per-token rewards with the KL penalty", (
         "tests/test_ppo.py::test_kl_penalty_lands_on_answer_tokens_and_score_on_the_last",

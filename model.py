@@ -219,6 +219,51 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
 
+    def keep_rows(self, keep):
+        """Only the rows where keep (B,) is True stay: the sequences of a batch that are still going."""
+        k = self.k.new_empty(self.k[:, keep].shape)  # positions past self.length are written before being read
+        v = self.v.new_empty(k.shape)
+        k[:, :, :, : self.length] = self.k[:, keep, :, : self.length]
+        v[:, :, :, : self.length] = self.v[:, keep, :, : self.length]
+        self.k, self.v = k, v
+
+
+class SharedPrompts:
+    """A batch of prompts run once, whose keys and values then serve every answer that continues one of
+    them: the reward model's K answers to a prompt all read the same prompt. On the built-in task the
+    prompt is more than half of each (prompt, answer) sequence, so a reward-model step costs about a
+    third less than running every answer with its own copy of the prompt (bench/RESULTS.md).
+
+    It is a KV cache that keeps gradients: unlike KVCache (generation, no_grad) nothing is written in
+    place, because autograd needs the prompts' keys and values unchanged for the backward; an answer pass
+    reads its prompts' rows and puts its own keys after them (torch.cat)."""
+
+    def __init__(self, transformer, prompt_idx, prompt_mask):
+        # left-padded prompts (B, Tp): every answer then starts at column Tp, whatever its prompt's length
+        self.mask = prompt_mask
+        self.k, self.v = [], []  # per layer, (B, nh, Tp, hs)
+        self.rows = None  # during an answer pass: the prompt row each answer continues
+        self.length = 0
+        transformer(prompt_idx, prompt_mask, kv_cache=self)  # update() below keeps each layer's keys and values
+
+    def update(self, layer, k, v):
+        if self.rows is None:  # the prompts' own pass
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        return torch.cat([self.k[layer][self.rows], k], dim=2), torch.cat([self.v[layer][self.rows], v], dim=2)
+
+    def continue_with(self, transformer, rows, idx, attention_mask):
+        """Final hidden states (N, Ta, C) of N right-padded answers idx (N, Ta), answer i continuing the
+        prompt in row rows[i]: the same as running prompt + answer, up to float rounding."""
+        self.rows, self.length = rows, self.mask.size(1)
+        mask = torch.cat([self.mask[rows], attention_mask], dim=1)  # (N, Tp + Ta): the prompt's padding stays masked
+        # positions count real tokens only: an answer starts right after its prompt's last real token
+        positions = self.mask.sum(dim=1)[rows, None] + torch.arange(idx.size(1), device=idx.device)  # (N, Ta)
+        hidden = transformer(idx, mask, positions, kv_cache=self)
+        self.rows = None
+        return hidden
+
 
 def kv_start_from_mask(attention_mask):
     """Index of the first real token of each row: the left-pad length. Right padding needs no mask,
@@ -316,8 +361,8 @@ class GPT(nn.Module):
         """Sample answers for a batch of prompts (lists of token ids, any lengths) with a KV cache.
 
         Prompts are left-padded so that every row's next token is at the same column. Each row stops at
-        its own EOS; after it, the row is filled with EOS and masked out. temperature=0 is greedy (the
-        most likely token every time); top_k and top_p as in sample_next_token.
+        its own EOS; after it, the row is filled with EOS and masked out, and soon leaves the batch.
+        temperature=0 is greedy (the most likely token every time); top_k and top_p as in sample_next_token.
         Returns (tokens, attention_mask, answer_mask), each (B, Tp + n): answer_mask is 1 exactly on the
         generated tokens, the EOS that ended a row included (it was an action too); attention_mask is 1
         on the prompt and the answer, so the last 1 of a row is its last real token."""
@@ -344,19 +389,26 @@ class GPT(nn.Module):
         # prefill: the whole prompt in one pass; then one position per step
         logits = self(tokens[:, :Tp], attention_mask[:, :Tp], kv_cache=cache)[:, -1]  # (B, V)
         next_pos = position_ids_from_mask(attention_mask[:, :Tp])[:, -1] + 1  # (B,)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        # The rows still in the batch (and in the cache). Once a quarter of them have ended, the ended
+        # ones leave it: the longest answer of the batch then does not keep every short one computing.
+        rows = torch.arange(B, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # for each of those rows
         n = Tp
         for t in range(Tp, Tp + max_new_tokens):
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
             next_token = torch.where(finished, eos_id, next_token)
-            tokens[:, t] = next_token
-            answer_mask[:, t] = (~finished).long()
-            attention_mask[:, t] = 1  # finished rows too: their tail is masked by answer_mask, not here
+            tokens[rows, t] = next_token
+            answer_mask[rows, t] = (~finished).long()
+            attention_mask[rows, t] = 1  # ended rows too: their tail is masked by answer_mask, not here
             finished |= next_token == eos_id
-            n = t + 1
-            if bool(finished.all()) or t + 1 == Tp + max_new_tokens:  # a sync point, once per step
+            n, ended = t + 1, int(finished.sum())  # a sync point, once per step
+            if ended == len(rows) or t + 1 == Tp + max_new_tokens:
                 break
-            logits = self(next_token[:, None], attention_mask[:, : t + 1], next_pos[:, None], cache)[:, -1]
+            if 4 * ended >= len(rows):
+                keep = ~finished
+                rows, finished, next_token, next_pos = rows[keep], finished[keep], next_token[keep], next_pos[keep]
+                cache.keep_rows(keep)
+            logits = self(next_token[:, None], attention_mask[rows, : t + 1], next_pos[:, None], cache)[:, -1]
             next_pos += 1
         attention_mask[:, Tp:] = answer_mask[:, Tp:]  # the EOS padding after a finished answer is not real
         return tokens[:, :n], attention_mask[:, :n], answer_mask[:, :n]
@@ -455,8 +507,13 @@ class RewardModel(nn.Module):
         self.reward_head = ScalarHead(config.n_embd)
         self.register_buffer("offset", torch.zeros(()))
 
-    def forward(self, idx, attention_mask):
-        hidden = self.transformer(idx, attention_mask)  # (B, T, C)
+    def forward(self, idx, attention_mask, prompts=None, rows=None):
+        """Rewards (B,) of the (prompt, answer) sequences idx (B, T); or, with prompts (SharedPrompts),
+        of the answers idx alone, answer i continuing the prompt in row rows[i] of prompts."""
+        if prompts is None:
+            hidden = self.transformer(idx, attention_mask)  # (B, T, C)
+        else:
+            hidden = prompts.continue_with(self.transformer, rows, idx, attention_mask)  # (B, T, C): the answers'
         # exercise reward_at_eos: h_last (B, C), hidden at each row's last real token (last_token_index)
         last = last_token_index(attention_mask)  # (B,)
         h_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)

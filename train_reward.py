@@ -52,7 +52,8 @@ import torch.nn.functional as F
 import task
 from data import DataError, Tokenizer, Truncation, encode_answer, encode_prompt, load_preferences, pad_batch
 from model import (
-    RewardModel, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, sample_answers, save_checkpoint,
+    RewardModel, SharedPrompts, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, sample_answers,
+    save_checkpoint,
 )
 from training import (
     MetricsLog, Progress, adamw, autocast, batch_indices, check, check_choice, check_finite, check_out_dir,
@@ -184,16 +185,20 @@ def reward_batch(groups, pad_id, device):
 def answer_rewards(model, groups, pad_id, device, length_buckets=1):
     """The reward of every answer of the groups, in the order of answer_sequences.
 
-    The answers run sorted by length in `length_buckets` slices, so that a short answer is not padded
-    to the longest of the whole batch: on the built-in task a third of one padded batch is padding,
-    compute a CPU spends for nothing. The rewards are the same up to float rounding."""
-    seqs = answer_sequences(groups)
-    order = torch.tensor(sorted(range(len(seqs)), key=lambda i: len(seqs[i])))
+    Each prompt runs once, and its keys and values serve all its answers (SharedPrompts): the K answers
+    of a ranking share their prompt, which on the built-in task is over half of each sequence. The
+    answers run sorted by length in `length_buckets` slices, so that a short answer is not padded to
+    the longest of the whole batch, compute a CPU spends for nothing. The rewards are those of
+    model(prompt + answer), up to float rounding."""
+    answers = [a for g in groups for a in g["answers"]]
+    rows = torch.tensor([i for i, g in enumerate(groups) for _ in g["answers"]], device=device)  # answer -> prompt
+    order = torch.tensor(sorted(range(len(answers)), key=lambda i: len(answers[i])))
     rewards = []
-    for bucket in order.tensor_split(min(length_buckets, len(seqs))):
-        idx, mask = pad_batch([seqs[i] for i in bucket], pad_id=pad_id, device=device)
-        with autocast(device):
-            rewards.append(model(idx, mask).float())
+    with autocast(device):
+        prompts = SharedPrompts(model.transformer, *pad_batch([g["prompt"] for g in groups], pad_id, "left", device))
+        for bucket in order.tensor_split(min(length_buckets, len(answers))):
+            idx, mask = pad_batch([answers[i] for i in bucket], pad_id=pad_id, device=device)
+            rewards.append(model(idx, mask, prompts, rows[bucket.to(device)]).float())
     return torch.cat(rewards)[order.argsort().to(device)]  # back in batch order
 
 

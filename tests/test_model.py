@@ -117,6 +117,29 @@ def test_kv_cache_generation_equals_cache_free_greedy():
         assert attn[b].sum() == len(p) + n and attn[b, Tp - len(p):Tp + n].all()
 
 
+def test_rows_that_end_leave_the_batch_without_changing_the_others():
+    """generate drops the rows that have ended from its batch and KV cache, once a quarter of them have:
+    with greedy decoding every row is still exactly what it is alone, whichever steps the rows end at."""
+    model = tiny_gpt(tie_word_embeddings=False)  # tied, a random GPT repeats its last token, in every row
+    with torch.no_grad():  # sharper attention: at init the scores are ~0 and a wrong key would go unseen
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(10)
+    prompts = [[(7 * i) % 90 + j for j in range(1 + i % 4)] for i in range(16)]
+    free = [model.generate([p], 16, eos_id=96, temperature=0)[0][0, len(p):].tolist() for p in prompts]
+    # the end token: the one whose first appearance is spread over the most different steps of the rows
+    firsts = {}
+    for b, row in enumerate(free):
+        for step, t in enumerate(row):
+            firsts.setdefault(t, {}).setdefault(b, step)
+    eos = max(firsts, key=lambda t: len(set(firsts[t].values())))
+    ends = sorted(firsts[eos].values())
+    assert len(set(ends)) >= 3 and 4 * sum(e < max(ends) for e in ends) >= len(prompts), ends
+    tokens, _, answer = model.generate(prompts, 16, eos_id=eos, temperature=0)
+    for b, p in enumerate(prompts):
+        alone, _, alone_answer = model.generate([p], 16, eos_id=eos, temperature=0)
+        assert tokens[b][answer[b].bool()].tolist() == alone[0][alone_answer[0].bool()].tolist()
+
+
 def test_generation_stops_each_row_at_eos_and_is_reproducible():
     model = tiny_gpt()
     with torch.no_grad():  # make EOS likely (about 1 in 6 per step) so that rows stop at different steps
