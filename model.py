@@ -219,12 +219,13 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
 
-    def keep_rows(self, keep):
-        """Only the rows where keep (B,) is True stay: the sequences of a batch that are still going."""
-        k = self.k.new_empty(self.k[:, keep].shape)  # positions past self.length are written before being read
+    def take_rows(self, rows):
+        """The cache of the given rows only (a bool mask, or indices, repeats allowed): the sequences of a
+        batch that are still going, or one prompt's cache copied for each answer sampled from it."""
+        k = self.k.new_empty(self.k[:, rows].shape)  # positions past self.length are written before being read
         v = self.v.new_empty(k.shape)
-        k[:, :, :, : self.length] = self.k[:, keep, :, : self.length]
-        v[:, :, :, : self.length] = self.v[:, keep, :, : self.length]
+        k[:, :, :, : self.length] = self.k[:, rows, :, : self.length]
+        v[:, :, :, : self.length] = self.v[:, rows, :, : self.length]
         self.k, self.v = k, v
 
 
@@ -384,10 +385,18 @@ class GPT(nn.Module):
             tokens[b, Tp - len(p) : Tp] = torch.tensor(p, dtype=torch.long)
             attention_mask[b, Tp - len(p) : Tp] = 1
         answer_mask = torch.zeros_like(attention_mask)
-        cache = KVCache(self.config, B, Tp + max_new_tokens, device, self.transformer.wte.weight.dtype)
 
-        # prefill: the whole prompt in one pass; then one position per step
-        logits = self(tokens[:, :Tp], attention_mask[:, :Tp], kv_cache=cache)[:, -1]  # (B, V)
+        # prefill: the whole prompt in one pass, once per distinct prompt (the K answers sampled for one
+        # prompt share it), its cache then copied for each row; then one position per step
+        distinct = {}  # prompt -> (its number, its first row)
+        for b, p in enumerate(prompts):
+            distinct.setdefault(tuple(p), (len(distinct), b))
+        prompt_of_row = torch.tensor([distinct[tuple(p)][0] for p in prompts], device=device)  # (B,)
+        first_rows = torch.tensor([b for _, b in distinct.values()], device=device)  # (U,)
+        cache = KVCache(self.config, len(first_rows), Tp + max_new_tokens, device, self.transformer.wte.weight.dtype)
+        logits = self(tokens[first_rows, :Tp], attention_mask[first_rows, :Tp], kv_cache=cache)[:, -1]  # (U, V)
+        logits = logits[prompt_of_row]  # (B, V)
+        cache.take_rows(prompt_of_row)
         next_pos = position_ids_from_mask(attention_mask[:, :Tp])[:, -1] + 1  # (B,)
         # The rows still in the batch (and in the cache). Once a quarter of them have ended, the ended
         # ones leave it: the longest answer of the batch then does not keep every short one computing.
@@ -407,7 +416,7 @@ class GPT(nn.Module):
             if 4 * ended >= len(rows):
                 keep = ~finished
                 rows, finished, next_token, next_pos = rows[keep], finished[keep], next_token[keep], next_pos[keep]
-                cache.keep_rows(keep)
+                cache.take_rows(keep)
             logits = self(next_token[:, None], attention_mask[rows, : t + 1], next_pos[:, None], cache)[:, -1]
             next_pos += 1
         attention_mask[:, Tp:] = answer_mask[:, Tp:]  # the EOS padding after a finished answer is not real

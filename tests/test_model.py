@@ -118,8 +118,9 @@ def test_kv_cache_generation_equals_cache_free_greedy():
 
 
 def test_rows_that_end_leave_the_batch_without_changing_the_others():
-    """generate drops the rows that have ended from its batch and KV cache, once a quarter of them have:
-    with greedy decoding every row is still exactly what it is alone, whichever steps the rows end at."""
+    """generate runs each distinct prompt's prefill once, and drops the rows that have ended from its
+    batch and KV cache once a quarter of them have: with greedy decoding every row is still exactly what
+    it is alone, whichever steps the rows end at, repeated prompts or not."""
     model = tiny_gpt(tie_word_embeddings=False)  # tied, a random GPT repeats its last token, in every row
     with torch.no_grad():  # sharper attention: at init the scores are ~0 and a wrong key would go unseen
         for block in model.transformer.h:
@@ -134,6 +135,7 @@ def test_rows_that_end_leave_the_batch_without_changing_the_others():
     eos = max(firsts, key=lambda t: len(set(firsts[t].values())))
     ends = sorted(firsts[eos].values())
     assert len(set(ends)) >= 3 and 4 * sum(e < max(ends) for e in ends) >= len(prompts), ends
+    prompts += [prompts[5], prompts[0], prompts[5]]  # one prompt's prefill shared by three rows, one by two
     tokens, _, answer = model.generate(prompts, 16, eos_id=eos, temperature=0)
     for b, p in enumerate(prompts):
         alone, _, alone_answer = model.generate([p], 16, eos_id=eos, temperature=0)
