@@ -1,6 +1,6 @@
 """coursework.py: the exercise markers are well formed and change nothing; the student version differs from
 this repository only inside them, fails exactly the tests of the exercises and passes every other unit test
-of the files they touch; the complete repository passes every exercise; the commands as a user meets them."""
+of the files they touch; grade passes the complete repository; the commands as a user meets them."""
 
 import ast
 import shutil
@@ -178,12 +178,18 @@ def test_grade_prints_the_table_and_a_broken_file_costs_only_its_own_tests(stude
            "collect (SyntaxError: expected ':')" in out
 
 
-def test_grade_passes_every_exercise_in_the_complete_repository():
+def test_grade_passes_the_exercises_of_the_complete_repository():
+    """grade's table on this checkout says every test passed, for the six exercises whose tests take seconds:
+    every exercise test runs in this suite anyway (the kernels' take minutes under the interpreter), and
+    test_student_version_fails_exactly_the_exercise_tests checks that each one is graded."""
     complete_regions()
-    code, out, err = coursework_cli("grade", ".")
+    quick = ("sft_mask", "bt_loss", "kl_rewards", "gae", "policy_loss", "value_loss")
+    code, out, err = coursework_cli("grade", ".", "--exercises", ",".join(quick))
     assert code == 0, out + err
-    passed, total = next(line for line in out.splitlines() if line.startswith("all ")).split()[-1].split("/")
-    assert passed == total and int(total) > 40
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.split()}
+    expected = {e.name: len(e.tests) for e in EXERCISES if e.name in quick}  # no parametrised tests among them
+    assert {name: rows[name] for name in quick} == {name: f"{n}/{n}" for name, n in expected.items()}
+    assert rows["all"] == f"{sum(expected.values())}/{sum(expected.values())}"
 
 
 def test_every_test_named_exists():
