@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(REPO.parent / "shared" / "data" / "tiktoken_cache"))
 sys.path.insert(0, str(REPO))
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, not two fighting over one
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker per core: one torch thread each, not two fighting over one core
     os.environ["OMP_NUM_THREADS"] = "1"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
