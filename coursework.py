@@ -94,6 +94,7 @@ EXERCISES = (
         "tests/test_flash_attention.py::test_non_contiguous_inputs_and_sm_scale",
         "tests/test_flash_attention.py::test_gpu_launch_configuration_matches_reference",
         "tests/test_model.py::test_model_loss_and_grads_same_for_every_attn_impl[triton]",
+        "tests/test_model.py::test_a_padded_batch_computes_each_row_as_alone_and_zeros_at_the_padding[triton]",
     )),
     Exercise("logprob_lse", "kernels/logprob.py:_logprobs_fwd_kernel", "Kernels: online log-sum-exp (log-probs)", (
         "tests/test_logprob.py::test_logprobs_matches_reference",

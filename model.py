@@ -159,10 +159,13 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer + 1
 
-    def forward(self, x, kv_start=None, kv_cache=None, layer=0):
-        B, T, C = x.size()
+    def forward(self, x, kv_start=None, kv_cache=None, layer=0, real=None):
+        qkv = self.c_attn(x)
+        if real is not None:  # x holds only the real tokens (N, C): put them back in their (B, T) places
+            qkv = real.unpack(qkv)  # (B, T, 3C), zeros at the padding, which attention never reads
+        B, T, C = qkv.size(0), qkv.size(1), self.n_embd
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = qkv.split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -172,6 +175,8 @@ class CausalSelfAttention(nn.Module):
         impl = ATTENTION_IMPLS[resolve_attn_impl(self.attn_impl, x.device, hs)]
         y = impl(q, k, v, kv_start, self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        if real is not None:
+            y = real.pack(y)  # (N, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -197,8 +202,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_start=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_start, kv_cache, layer)
+    def forward(self, x, kv_start=None, kv_cache=None, layer=0, real=None):
+        x = x + self.attn(self.ln_1(x), kv_start, kv_cache, layer, real)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -266,6 +271,28 @@ class SharedPrompts:
         return hidden
 
 
+class RealTokens:
+    """Where the real tokens of a padded batch are, to run the layers that treat each position on its
+    own (LayerNorm, the q/k/v and output projections, the MLP: almost all of a step's arithmetic) on
+    those tokens only. A batch of the built-in task is about 30% padding; only attention needs the
+    (B, T) layout, so each block puts its tokens back in place for it and takes them out after
+    ("unpadding", as BERT and FlashAttention's variable-length kernels do). The real tokens' results
+    are those of the padded batch, up to float rounding."""
+
+    def __init__(self, attention_mask):
+        self.shape = attention_mask.shape  # (B, T)
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) flat positions of the real tokens
+
+    def pack(self, x):
+        """(B, T, D) -> (N, D), the real positions in row order."""
+        return x.reshape(-1, x.size(-1)).index_select(0, self.index)
+
+    def unpack(self, x):
+        """(N, D) -> (B, T, D), zeros at the padding."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], x.size(-1))
+        return out.index_copy(0, self.index, x).view(*self.shape, x.size(-1))
+
+
 def kv_start_from_mask(attention_mask):
     """Index of the first real token of each row: the left-pad length. Right padding needs no mask,
     since causality already hides later positions from the real tokens."""
@@ -323,11 +350,16 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
         x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+        real = None
+        if attention_mask is not None and kv_cache is None and not bool(attention_mask.all()):
+            real = RealTokens(attention_mask)  # a padded batch: the blocks compute its real tokens only
+            x = real.pack(x)  # (N, C)
         for layer, block in enumerate(self.h):
-            x = block(x, kv_start, kv_cache, layer)
+            x = block(x, kv_start, kv_cache, layer, real)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.ln_f(x)  # (B, T, C)
+        x = self.ln_f(x)
+        return real.unpack(x) if real is not None else x  # (B, T, C), zeros at the padding
 
 
 class GPT(nn.Module):

@@ -213,6 +213,30 @@ def test_model_loss_and_grads_same_for_every_attn_impl(attn_impl):
         assert torch.allclose(grad, results[1][1][name], atol=1e-5), name
 
 
+@pytest.mark.parametrize("attn_impl", ["naive", "sdpa", "triton"])
+def test_a_padded_batch_computes_each_row_as_alone_and_zeros_at_the_padding(attn_impl):
+    # the blocks run on the real tokens only (RealTokens): right, left and both-side padding, and a row
+    # without padding, must each give the hidden states and gradients of that row run alone
+    rows = [([5, 6, 7, 8, 9], 0, 4), ([10, 11, 12], 6, 0), ([13, 14, 15, 16, 17, 18, 19, 20, 21], 0, 0),
+            ([22, 23, 24, 25], 2, 3)]  # (tokens, left padding, right padding), all 9 wide
+    idx = torch.tensor([[0] * left + seq + [0] * right for seq, left, right in rows])
+    mask = torch.tensor([[0] * left + [1] * len(seq) + [0] * right for seq, left, right in rows])
+    model = tiny_gpt(attn_impl=attn_impl)
+    weight = torch.randn(9, 64, generator=torch.Generator().manual_seed(1))
+    hidden = model.hidden_states(idx, mask)  # (4, 9, 64)
+    (hidden * weight).sum().backward()
+    batch_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for b, (seq, left, _) in enumerate(rows):
+        alone = model.hidden_states(torch.tensor([seq]))[0]
+        real = slice(left, left + len(seq))
+        assert torch.allclose(hidden[b, real], alone, atol=1e-5), b
+        (alone * weight[real]).sum().backward()  # gradients add up over the rows
+    assert (hidden[~mask.bool()] == 0).all()
+    for name, grad in batch_grads.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-4), name
+
+
 def test_last_token_index_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert last_token_index(mask).tolist() == [2, 4, 4]
