@@ -71,7 +71,10 @@ class Config:
     max_new_tokens: int = flag(24, "longest answer; an answer cut here has no EOS and pays eos_penalty")
     temperature: float = flag(1.0, "sampling temperature; the log-probs use the same one (the policy is "
                               "softmax(z / T))")
-    kl_coef: float = flag(0.1, "weight of the per-token KL penalty against the reference (the initial value if "
+    # 0.2 with lr 4e-4 (were 0.1 and 2e-4): the larger step lets the unleashed run (kl_coef 0) reach its hack within
+    # 150 iterations, and the doubled leash keeps this run near the KL (1.5-2 nats) where gold gained most
+    # (bench/RESULTS.md, "A stronger push and a stronger leash")
+    kl_coef: float = flag(0.2, "weight of the per-token KL penalty against the reference (the initial value if "
                           "adaptive_kl)")
     adaptive_kl: bool = flag(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, section 2.2)")
     target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats")
@@ -86,9 +89,11 @@ class Config:
     clip_eps: float = flag(0.2, "policy ratio clip range")
     clip_value: float = flag(0.2, "value clip range around the rollout's values (its own coefficient, not clip_eps)")
     vf_coef: float = flag(0.5, "weight of the value loss")
-    lr: float = flag(2e-4, "learning rate of policy and value head (constant)")
+    lr: float = flag(4e-4, "learning rate of policy and value head (constant)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
-    eval_interval: int = flag(10, "evaluate on held-out prompts and checkpoint every this many iterations")
+    # 25, not 10: an eval samples 256 answers, four rollouts' worth; every 10 iterations that was 4096 answers
+    # beside the rollouts' 9600. Its prompts and sampling seed are its own: the interval changes no result
+    eval_interval: int = flag(25, "evaluate on held-out prompts and checkpoint every this many iterations")
     eval_prompts: int = flag(256, "held-out prompts for the eval (gold score on the built-in task), sampled with a "
                              "fixed seed: every eval of a run (and of runs with the same --seed) uses the same draws")
     sample_interval: int = flag(10, "write a few (prompt, answer, reward, gold) samples every this many iterations")
@@ -357,7 +362,7 @@ def main(cfg):
     # dropout is 0 in every config here, but eval() makes sure: PPO's ratio compares log-probs of the
     # sampling policy and the updated policy, and dropout noise would count as a policy change
     model.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     kl_coef, score_std, start_iter = cfg.kl_coef, RunningStd(), 0
     if cfg.resume:  # everything a stopped run needs to continue as if it had never stopped
         resume_ckpt = load_checkpoint(ckpt_path, "ppo")

@@ -56,7 +56,7 @@ def tiny_run(out, stages):
     if set(stages) & {"reward", "ppo", "ppo_nokl"} and not reward.is_file():
         train_reward.main(train_reward.Config(out_dir=str(out / "reward"), sft=str(sft), n_train=32, n_eval=16, k=2,
                                               batch_size=8, max_iters=5, warmup_iters=2, eval_interval=5))
-    for name, kl_coef in (("ppo", 0.1), ("ppo_nokl", 0.0)):
+    for name, kl_coef in (("ppo", 0.2), ("ppo_nokl", 0.0)):
         if name in stages and not (out / name / "ckpt.pt").is_file():
             train_ppo.main(train_ppo.Config(out_dir=str(out / name), sft=str(sft), reward=str(reward), kl_coef=kl_coef,
                                             n_prompts=64, iterations=2, prompts_per_iter=8, samples_per_prompt=2,

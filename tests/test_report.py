@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
                                     max_iters=20, warmup_iters=5, eval_interval=10))
     train_reward.main(train_reward.Config(out_dir=str(out / "reward"), sft=sft, n_train=32, n_eval=16, k=2,
                                           batch_size=8, max_iters=5, warmup_iters=2, eval_interval=5))
-    for name, kl_coef in (("ppo", 0.1), ("ppo_nokl", 0.0)):
+    for name, kl_coef in (("ppo", 0.2), ("ppo_nokl", 0.0)):
         train_ppo.main(train_ppo.Config(out_dir=str(out / name), sft=sft, reward=reward, kl_coef=kl_coef, n_prompts=64,
                                         iterations=2, prompts_per_iter=8, samples_per_prompt=2, minibatch_size=8,
                                         max_new_tokens=12, eval_prompts=8, ppo_epochs=1, eval_interval=1,
