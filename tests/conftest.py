@@ -34,7 +34,7 @@ def reward_run(sft_run, tmp_path_factory):
     import train_reward
 
     out = tmp_path_factory.mktemp("reward")
-    cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=800, n_eval=64, k=4,
+    cfg = train_reward.Config(out_dir=str(out), sft=str(sft_run / "ckpt.pt"), n_train=800, n_eval=256, k=4,
                               max_iters=150, eval_interval=150)
     model, metrics = train_reward.main(cfg)
     return out, cfg, model, metrics

@@ -90,9 +90,10 @@ def test_short_run_beats_chance_on_held_out_pairs(reward_run):
     # The bar. Chance is 0.5 on both measures. The labels are noisy (they agree with the gold judge on
     # ~76% of held-out pairs of the policy's answers), so accuracy on them stays low even for a good
     # reward model; agreement with the judge is the measure that matters. A 150-step run from a 300-step
-    # SFT model reaches ~0.59 on the labels and ~0.66 against the judge (the full pipeline: ~0.69 and
-    # ~0.87); the bars below say it learned something beyond chance, with room for float noise.
-    assert metrics["eval_accuracy"] > 0.55, metrics
+    # SFT model reaches ~0.58 on the labels and ~0.66 against the judge (the full pipeline: ~0.69 and
+    # ~0.87); the bars below say it learned something beyond chance. 256 held-out prompts (~1400
+    # pairs), not 64: on 64 the accuracy alone moved by +-0.03 with the sampled answers (0.53-0.56).
+    assert metrics["eval_accuracy"] > 0.54, metrics
     assert metrics["gold_agreement"] > 0.6, metrics
     assert metrics["eval_loss"] < math.log(2), metrics  # better than the untrained model's coin flip
 
