@@ -509,9 +509,8 @@ def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, s
     each with the EOS that ended it (an answer cut at max_new_tokens has none).
     on_batch(n), if given, is called with the number of answers done after each call (a progress bar)."""
     if batch_size is None:
-        c = model.config
-        row_bytes = 2 * c.n_layer * c.n_embd * (max(map(len, prompt_ids), default=0) + max_new_tokens) * \
-            model.transformer.wte.weight.element_size()
+        c, longest = model.config, max(map(len, prompt_ids), default=0) + max_new_tokens
+        row_bytes = 2 * c.n_layer * c.n_embd * longest * model.transformer.wte.weight.element_size()  # keys + values
         batch_size = max(1, min(SAMPLE_ROWS, SAMPLE_CACHE_BYTES // row_bytes))
     answers = []
     for start in range(0, len(prompt_ids), batch_size):
