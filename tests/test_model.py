@@ -295,6 +295,27 @@ def test_checkpoint_round_trip_and_stage_check(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
 
 
+def test_tiny_preset_uses_exact_gelu_and_older_checkpoints_keep_tanh(tmp_path):
+    assert config_from_preset("tiny").gelu_approximate == "none"
+    assert config_from_preset("gpt2").gelu_approximate == "tanh" == GPTConfig().gelu_approximate
+    model = tiny_gpt(seed=3, gelu_approximate="none")
+    x = torch.randn(2, 5, 64)
+    mlp = model.transformer.h[0].mlp
+    want = mlp.c_proj(0.5 * mlp.c_fc(x) * (1 + torch.erf(mlp.c_fc(x) / 2**0.5)))
+    torch.testing.assert_close(mlp(x), want)
+    # a checkpoint saved before the field existed was trained with tanh, and must come back with it
+    tanh_model = tiny_gpt(seed=3)
+    path = tmp_path / "sft" / "ckpt.pt"
+    save_checkpoint(path, tanh_model, "sft", 1, {}, {"bpe": "gpt2", "table": None})
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["model_config"]["gelu_approximate"]
+    again = policy_from_checkpoint(ckpt)
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(idx), tanh_model(idx))
+        assert not torch.allclose(model(idx), tanh_model(idx))  # same weights, the other GELU
+
+
 def test_ppo_checkpoint_gives_back_its_policy(tmp_path):
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)
