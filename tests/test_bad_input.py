@@ -267,6 +267,9 @@ def test_weight_folders(tmp_path):
         (bad("nofield", lambda f: (f / "config.json").write_text('{"n_layer": 1}')), "field 'n_positions' is missing"),
         (bad("inner", lambda f: (f / "config.json").write_text(json.dumps(
             {**json.loads((f / "config.json").read_text()), "n_inner": 7}))), "n_inner=7 is not supported"),
+        (bad("relu", lambda f: (f / "config.json").write_text(json.dumps(
+            {**json.loads((f / "config.json").read_text()), "activation_function": "relu"}))),
+         "activation_function=relu"),
         (bad("noweights", lambda f: (f / "model.safetensors").unlink()), "no model.safetensors or pytorch_model.bin"),
     ]
     for folder, message in cases:

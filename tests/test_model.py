@@ -344,9 +344,11 @@ def test_sampling_follows_the_softmax_and_its_filters():
 
 
 @pytest.mark.parametrize("switch", [dict(tie_word_embeddings=False), dict(scale_attn_weights=False),
-                                    dict(scale_attn_by_inverse_layer_idx=True)])
+                                    dict(scale_attn_by_inverse_layer_idx=True), dict(activation_function="gelu"),
+                                    dict(activation_function="gelu_pytorch_tanh")])
 def test_config_switches_that_change_the_maths_match_huggingface(tmp_path, switch):
-    """GPT-2 configs that untie the LM head or change the attention scale load with the same logits."""
+    """GPT-2 configs that untie the LM head, change the attention scale or take the exact GELU load with the
+    same logits."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0, **switch)
