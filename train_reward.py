@@ -83,7 +83,7 @@ class Config:
     # 0.815 / 0.826 -> 0.884 / 0.893, in about the same minutes now that a prompt runs once for its K answers
     # and sampling drops the rows that ended; K = 6 or K = 12 answers per prompt at the same compute did worse
     # than K = 8. 1000 steps, not 750: +0.007 and +0.014 on two weak ones of later runs, where 12000 prompts
-    # at 750 steps gave nothing (bench/RESULTS.md)
+    # at 750 steps gave nothing; six runs at 1000 steps: 0.864-0.896, at 750: 0.849-0.881 (bench/RESULTS.md)
     n_train: int = flag(6000, "built-in task: prompts whose answers are ranked for training")
     n_eval: int = flag(256, "built-in task: held-out prompts whose answers are ranked for the eval")
     k: int = flag(8, "built-in task: answers per prompt; all K*(K-1)/2 pairs of a ranking are used")
