@@ -655,7 +655,8 @@ def gpt2_config(folder, attn_impl="auto"):
     if not isinstance(hf, dict):
         raise LoadError(f"{path}: expected a JSON object")
     gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # Hugging Face's names
-    if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") not in gelu:
+    activation = hf.get("activation_function", "gelu_new")
+    if hf.get("model_type", "gpt2") != "gpt2" or activation not in gelu:
         raise LoadError(f"{path}: not a GPT-2 config (model_type={hf.get('model_type')}, "
                         f"activation_function={hf.get('activation_function')})")
     for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -671,7 +672,7 @@ def gpt2_config(folder, attn_impl="auto"):
         n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), attn_impl=attn_impl,
         tie_word_embeddings=hf.get("tie_word_embeddings", True), scale_attn_weights=hf.get("scale_attn_weights", True),
         scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
-        gelu_approximate=gelu[hf.get("activation_function", "gelu_new")],
+        gelu_approximate=gelu[activation],
     )
 
 
