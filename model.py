@@ -1,8 +1,9 @@
 """
-A GPT-2 in one file, with everything the RLHF stages need from it.
+A GPT-2 in one file, with the heads that RLHF puts on it.
 
-Read top to bottom: config, attention, MLP, block, GPT, the two scalar heads (reward and value),
-generation with a KV cache, loading real GPT-2 weights, and the checkpoint format shared by every stage.
+Read top to bottom: config, attention, MLP, block, the GPT, the two scalar heads (the reward model and the
+value head), then generation with a KV cache. Loading GPT-2's own weights lives in support/gpt2.py, the
+checkpoint format of the stages in support/checkpoint.py.
 
 Shape letters used in every comment:
     B batch, T sequence length, C embedding size (n_embd), nh heads, hs head size (C // nh), V vocabulary.
@@ -11,22 +12,12 @@ References: GPT-2 (Radford et al. 2019); the layout follows Hugging Face's GPT2L
 weights load by name; the style follows nanoGPT.
 """
 
-import json
 import math
-import os
-import struct
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class LoadError(Exception):
-    """A user-facing problem with a file (weights, checkpoint, data): the message is one line that names
-    the file and the fix. The scripts print it without a traceback."""
-
 
 # -----------------------------------------------------------------------------
 # Config
@@ -39,7 +30,6 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    dropout: float = 0.0  # 0 everywhere in RLHF: PPO must recompute the same log-probs it sampled with
     layer_norm_eps: float = 1e-5
     attn_impl: str = "auto"  # "triton" | "sdpa" | "naive" | "auto" (the fastest that runs on the device)
     # Hugging Face GPT-2 config switches that change the maths; GPT-2's own values are the defaults
@@ -52,7 +42,7 @@ class GPTConfig:
 
 
 # GPT-2's published shapes; `tiny` trains from scratch on the built-in task on a 2-core CPU in minutes
-# (~0.9M parameters with the task's compact vocabulary of ~1000 tokens, see data.py).
+# (~0.9M parameters with the task's compact vocabulary of ~1000 tokens, see support/data.py).
 PRESETS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, gelu_approximate="none"),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -64,12 +54,12 @@ PRESETS = {
 
 def config_from_preset(name, **overrides):
     if name not in PRESETS:
-        raise LoadError(f"unknown model preset '{name}': choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown model preset '{name}': choose one of {', '.join(PRESETS)}")
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
 # -----------------------------------------------------------------------------
-# Attention: one function, three implementations of softmax(Q K^T / sqrt(hs)) V
+# Attention: softmax(Q K^T / sqrt(hs)) V, three ways
 
 
 def attention_mask_allowed(Tq, Tk, kv_start, device):
@@ -110,7 +100,7 @@ def attention_sdpa(q, k, v, kv_start=None, scale=None):
 
 
 def attention_triton(q, k, v, kv_start=None, scale=None):
-    from kernels.flash_attention import flash_attention
+    from kernels.flash_attention import flash_attention  # kernels/flash_attention.py: the same maths, fused
 
     return flash_attention(q, k, v, causal=True, kv_start=kv_start, sm_scale=scale)
 
@@ -120,67 +110,62 @@ _said_sdpa_instead = False  # "auto" says once per process why it did not take t
 
 
 def resolve_attn_impl(attn_impl, device, head_size):
-    """The attention implementation to run: attn_impl itself, or for "auto" the Triton kernel on CUDA
-    when it supports the head size, else SDPA. (The interpreter that runs Triton on a CPU is a
-    correctness tool, far too slow to be a default.)"""
+    """The attention to run: attn_impl itself, or for "auto" the Triton kernel on CUDA when it supports the
+    head size, else SDPA (the interpreter that runs Triton on a CPU is a correctness tool, not a default)."""
     global _said_sdpa_instead
-    if attn_impl == "auto" and device.type != "cuda":
-        return "sdpa"
+    if attn_impl != "auto":
+        return attn_impl
     from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
-    if attn_impl == "auto":
-        if head_size in SUPPORTED_HEAD_DIMS:
-            return "triton"
-        if not _said_sdpa_instead:
-            print(f"attention: the Triton kernel supports head sizes {SUPPORTED_HEAD_DIMS}, this model has "
-                  f"{head_size}; using PyTorch's SDPA instead")
-            _said_sdpa_instead = True
-        return "sdpa"
-    if attn_impl not in ATTENTION_IMPLS:
-        raise LoadError(f"attn_impl='{attn_impl}' is not one of auto, {', '.join(ATTENTION_IMPLS)}")
-    if attn_impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise LoadError("attn_impl='triton' needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on a CPU)")
-    if attn_impl == "triton" and head_size not in SUPPORTED_HEAD_DIMS:
-        raise LoadError(f"attn_impl='triton' supports head sizes {SUPPORTED_HEAD_DIMS}, this model has "
-                        f"{head_size} (n_embd / n_head); use attn_impl sdpa")
-    return attn_impl
+    if device.type == "cuda" and head_size in SUPPORTED_HEAD_DIMS:
+        return "triton"
+    if device.type == "cuda" and not _said_sdpa_instead:
+        print(f"attention: the Triton kernel supports head sizes {SUPPORTED_HEAD_DIMS}, this model has {head_size}; "
+              "using PyTorch's SDPA instead")
+        _said_sdpa_instead = True
+    return "sdpa"
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         if config.n_embd % config.n_head:
-            raise LoadError(f"n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+            raise ValueError(f"n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
+        if config.attn_impl not in ("auto", *ATTENTION_IMPLS):
+            raise ValueError(f"attn_impl='{config.attn_impl}' is not one of auto, {', '.join(ATTENTION_IMPLS)}")
+        if config.attn_impl == "triton":
+            from kernels.flash_attention import SUPPORTED_HEAD_DIMS
+
+            if config.n_embd // config.n_head not in SUPPORTED_HEAD_DIMS:
+                raise ValueError(f"attn_impl='triton' supports head sizes {SUPPORTED_HEAD_DIMS}, this model has "
+                                 f"{config.n_embd // config.n_head} (n_embd / n_head); use attn_impl sdpa")
+        self.n_head, self.layer, self.attn_impl = config.n_head, layer, config.attn_impl
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.attn_impl = config.attn_impl
         hs = config.n_embd // config.n_head
-        self.scale = (1 / math.sqrt(hs) if config.scale_attn_weights else 1.0)
+        self.scale = 1 / math.sqrt(hs) if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer + 1
 
-    def forward(self, x, kv_start=None, kv_cache=None, layer=0, real=None):
-        qkv = self.c_attn(x)
-        if real is not None:  # x holds only the real tokens (N, C): put them back in their (B, T) places
-            qkv = real.unpack(qkv)  # (B, T, 3C), zeros at the padding, which attention never reads
-        B, T, C = qkv.size(0), qkv.size(1), self.n_embd
+    def forward(self, x, kv_start=None, kv_cache=None):
+        """x (B, T, C) -> (B, T, C). kv_start (B,): where each row's real tokens start (left padding, None:
+        none); kv_cache: the keys and values of earlier positions (generation)."""
+        return self.c_proj(self.attend(self.c_attn(x), kv_start, kv_cache))
+
+    def attend(self, qkv, kv_start=None, kv_cache=None):
+        """Every head's attention from the projections qkv (B, T, 3C), the heads side by side: (B, T, C)."""
+        B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = qkv.split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             # the new keys join the cached ones; the queries stay the T new positions
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
-        impl = ATTENTION_IMPLS[resolve_attn_impl(self.attn_impl, x.device, hs)]
-        y = impl(q, k, v, kv_start, self.scale)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        if real is not None:
-            y = real.pack(y)  # (N, C)
-        return self.resid_dropout(self.c_proj(y))
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
+        attention = ATTENTION_IMPLS[resolve_attn_impl(self.attn_impl, qkv.device, hs)]
+        y = attention(q, k, v, kv_start, self.scale)  # (B, nh, T, hs)
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
 
 
 class MLP(nn.Module):
@@ -188,11 +173,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
         self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):
@@ -205,106 +189,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_start=None, kv_cache=None, layer=0, real=None):
-        x = x + self.attn(self.ln_1(x), kv_start, kv_cache, layer, real)
+    def forward(self, x, kv_start=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_start, kv_cache)
         return x + self.mlp(self.ln_2(x))
-
-
-class KVCache:
-    """Keys and values of every layer for the positions already processed, so that generating one more
-    token costs one position of compute instead of re-running the whole prefix."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled, the same for every layer once a forward pass ends
-
-    def update(self, layer, k, v):
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
-
-    def take_rows(self, rows):
-        """The cache of the given rows only (a bool mask, or indices, repeats allowed): the sequences of a
-        batch that are still going, or one prompt's cache copied for each answer sampled from it."""
-        k = self.k.new_empty(self.k[:, rows].shape)  # positions past self.length are written before being read
-        v = self.v.new_empty(k.shape)
-        k[:, :, :, : self.length] = self.k[:, rows, :, : self.length]
-        v[:, :, :, : self.length] = self.v[:, rows, :, : self.length]
-        self.k, self.v = k, v
-
-
-class SharedPrompts:
-    """A batch of prompts run once, whose keys and values then serve every answer that continues one of
-    them: the reward model's K answers to a prompt all read the same prompt. On the built-in task the
-    prompt is more than half of each (prompt, answer) sequence, so a reward-model step costs about a
-    third less than running every answer with its own copy of the prompt (bench/RESULTS.md).
-
-    It is a KV cache that keeps gradients: unlike KVCache (generation, no_grad) nothing is written in
-    place, because autograd needs the prompts' keys and values unchanged for the backward; an answer pass
-    reads its prompts' rows and puts its own keys after them (torch.cat)."""
-
-    def __init__(self, transformer, prompt_idx, prompt_mask):
-        # left-padded prompts (B, Tp): every answer then starts at column Tp, whatever its prompt's length
-        self.mask = prompt_mask
-        self.k, self.v = [], []  # per layer, (B, nh, Tp, hs)
-        self.rows = None  # during an answer pass: the prompt row each answer continues
-        self.length = 0
-        transformer(prompt_idx, prompt_mask, kv_cache=self)  # update() below keeps each layer's keys and values
-
-    def update(self, layer, k, v):
-        if self.rows is None:  # the prompts' own pass
-            self.k.append(k)
-            self.v.append(v)
-            return k, v
-        return torch.cat([self.k[layer][self.rows], k], dim=2), torch.cat([self.v[layer][self.rows], v], dim=2)
-
-    def continue_with(self, transformer, rows, idx, attention_mask):
-        """Final hidden states (N, Ta, C) of N right-padded answers idx (N, Ta), answer i continuing the
-        prompt in row rows[i]: the same as running prompt + answer, up to float rounding."""
-        self.rows, self.length = rows, self.mask.size(1)
-        mask = torch.cat([self.mask[rows], attention_mask], dim=1)  # (N, Tp + Ta): the prompt's padding stays masked
-        # positions count real tokens only: an answer starts right after its prompt's last real token
-        positions = self.mask.sum(dim=1)[rows, None] + torch.arange(idx.size(1), device=idx.device)  # (N, Ta)
-        hidden = transformer(idx, mask, positions, kv_cache=self)
-        self.rows = None
-        return hidden
-
-
-class RealTokens:
-    """Where the real tokens of a padded batch are, to run the layers that treat each position on its
-    own (LayerNorm, the q/k/v and output projections, the MLP: almost all of a step's arithmetic) on
-    those tokens only. A batch of the built-in task is about 30% padding; only attention needs the
-    (B, T) layout, so each block puts its tokens back in place for it and takes them out after
-    ("unpadding", as BERT and FlashAttention's variable-length kernels do). The real tokens' results
-    are those of the padded batch, up to float rounding."""
-
-    def __init__(self, attention_mask):
-        self.shape = attention_mask.shape  # (B, T)
-        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) flat positions of the real tokens
-
-    def pack(self, x):
-        """(B, T, D) -> (N, D), the real positions in row order."""
-        return x.reshape(-1, x.size(-1)).index_select(0, self.index)
-
-    def unpack(self, x):
-        """(N, D) -> (B, T, D), zeros at the padding."""
-        out = x.new_zeros(self.shape[0] * self.shape[1], x.size(-1))
-        return out.index_copy(0, self.index, x).view(*self.shape, x.size(-1))
-
-
-def kv_start_from_mask(attention_mask):
-    """Index of the first real token of each row: the left-pad length. Right padding needs no mask,
-    since causality already hides later positions from the real tokens."""
-    return (attention_mask.cumsum(dim=1) == 0).sum(dim=1)  # (B,)
-
-
-def position_ids_from_mask(attention_mask):
-    """Positions count real tokens only, so a left-padded prompt gets the same positions as unpadded."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
 
 
 # -----------------------------------------------------------------------------
@@ -323,6 +210,17 @@ def init_weights(module, n_layer):
             nn.init.zeros_(m.bias)
 
 
+def kv_start_from_mask(attention_mask):
+    """Index of the first real token of each row: the left-pad length. Right padding needs no mask,
+    since causality already hides later positions from the real tokens."""
+    return (attention_mask.cumsum(dim=1) == 0).sum(dim=1)  # (B,)
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions count real tokens only, so a left-padded prompt gets the same positions as unpadded."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+
+
 class Transformer(nn.Module):
     """The GPT without a head: token ids -> final hidden states (B, T, C). Each model of RLHF is this
     trunk with a head on top: the LM head (policy, reference), the reward head, the value head."""
@@ -332,7 +230,6 @@ class Transformer(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
-        self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         init_weights(self, config.n_layer)
@@ -348,21 +245,20 @@ class Transformer(nn.Module):
         if attention_mask is not None:
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, past:]
-            if not bool(attention_mask[:, 0].all()):  # a CPU-GPU sync point, once per forward
+            if not bool(attention_mask[:, 0].all()):  # a CPU-GPU sync point: is any row left-padded?
                 kv_start = kv_start_from_mask(attention_mask)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
-        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
-        real = None
-        if attention_mask is not None and kv_cache is None and not bool(attention_mask.all()):
-            real = RealTokens(attention_mask)  # a padded batch: the blocks compute its real tokens only
-            x = real.pack(x)  # (N, C)
-        for layer, block in enumerate(self.h):
-            x = block(x, kv_start, kv_cache, layer, real)
+        x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
+        if kv_cache is None and attention_mask is not None and not bool(attention_mask.all()):  # a sync point
+            from support.speedups import real_tokens_forward  # a padded batch: the same numbers, less work
+
+            return real_tokens_forward(self, x, attention_mask, kv_start)  # (B, T, C), zeros at the padding
+        for block in self.h:
+            x = block(x, kv_start, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        x = self.ln_f(x)
-        return real.unpack(x) if real is not None else x  # (B, T, C), zeros at the padding
+        return self.ln_f(x)  # (B, T, C)
 
 
 class GPT(nn.Module):
@@ -461,8 +357,108 @@ class GPT(nn.Module):
         return tokens[:, :n], attention_mask[:, :n], answer_mask[:, :n]
 
 
+# -----------------------------------------------------------------------------
+# The two scalar heads of RLHF
+
+
+class ScalarHead(nn.Module):
+    """One linear map from a hidden state (C) to a number: the reward head (stage 3) and the value head
+    (stage 4) are both this, each under its own name."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.proj = nn.Linear(n_embd, 1)
+        # Zero-initialised: the head starts at exactly 0 for every input, so the first Bradley-Terry
+        # loss is log 2 (no pair preferred) and the first value estimate is 0 (no expected return yet);
+        # the gradient of a zero-initialised final layer is still non-zero, since it is the hidden state.
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden):
+        return self.proj(hidden).squeeze(-1)  # (..., C) -> (...)
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row (the EOS that ends the answer), for left or right padding."""
+    T = attention_mask.size(1)
+    return T - 1 - attention_mask.flip(dims=[1]).argmax(dim=1)  # (B,)
+
+
+class RewardModel(nn.Module):
+    """Stage 3: the SFT transformer with its vocabulary head replaced by a scalar head, read at the last
+    token of the (prompt, answer) sequence. `offset` is subtracted so that the SFT policy's own answers
+    score 0 on average (set after training; stored in the state dict, hence in the checkpoint)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.reward_head = ScalarHead(config.n_embd)
+        self.register_buffer("offset", torch.zeros(()))
+
+    def forward(self, idx, attention_mask):
+        """Rewards (B,) of the (prompt, answer) sequences idx (B, T)."""
+        return self.read_reward(self.transformer(idx, attention_mask), attention_mask)  # (B,)
+
+    def read_reward(self, hidden, attention_mask):
+        """r = w . h_last + b - offset from the final hidden states (B, T, C) of the sequences."""
+        # exercise reward_at_eos: h_last (B, C), hidden at each row's last real token (last_token_index)
+        last = last_token_index(attention_mask)  # (B,)
+        h_last = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, C)
+        # end exercise
+        return self.reward_head(h_last) - self.offset  # (B,)
+
+
+class PolicyWithValue(nn.Module):
+    """Stage 4: the policy (a GPT with its LM head) and a value head beside the LM head, on the same
+    hidden states. The value at position t estimates the return after the token at t."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.policy = GPT(config)
+        self.value_head = ScalarHead(config.n_embd)
+
+    def forward(self, idx, attention_mask):
+        """(hidden (B, T, C), values (B, T)): the caller turns hidden into log-probs with lm_head or the
+        fused kernel, so the full (B, T, V) logits need not exist."""
+        hidden = self.policy.transformer(idx, attention_mask)  # (B, T, C)
+        return hidden, self.value_head(hidden)  # (B, T, C), (B, T)
+
+
+# -----------------------------------------------------------------------------
+# Generation: the KV cache and sampling
+
+
+class KVCache:
+    """Keys and values of every layer for the positions already processed, so that generating one more
+    token costs one position of compute instead of re-running the whole prefix."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled, the same for every layer once a forward pass ends
+
+    def update(self, layer, k, v):
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+
+    def take_rows(self, rows):
+        """The cache of the given rows only (a bool mask, or indices, repeats allowed): the sequences of a
+        batch that are still going, or one prompt's cache copied for each answer sampled from it."""
+        k = self.k.new_empty(self.k[:, rows].shape)  # positions past self.length are written before being read
+        v = self.v.new_empty(k.shape)
+        k[:, :, :, : self.length] = self.k[:, rows, :, : self.length]
+        v[:, :, :, : self.length] = self.v[:, rows, :, : self.length]
+        self.k, self.v = k, v
+
+
 def check_sampling(temperature, top_k=None, top_p=None):
-    """ValueError for settings that cannot sample: what the scripts check their flags with, too."""
+    """ValueError for settings that cannot sample."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -498,9 +494,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)  # (B,)
 
 
-# Rows per generate() call: on a CPU, one decoding step of 64 rows of the tiny model is a few small
-# matrix products, mostly overhead; 1024 rows sample 3200 answers 2.1x faster on two cores (1.5x on one).
-# The KV cache (every layer's keys and values for each row) bounds it for big models and long prompts.
+# Rows per generate() call: on a CPU one decoding step of a few rows of the tiny model is mostly overhead,
+# so many rows go at once; the KV cache (every layer's keys and values for each row) bounds it for big
+# models and long prompts.
 SAMPLE_ROWS, SAMPLE_CACHE_BYTES = 1024, 2**30
 
 
@@ -524,275 +520,3 @@ def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, s
         if on_batch:
             on_batch(len(answers))
     return answers
-
-
-# -----------------------------------------------------------------------------
-# The two scalar heads of RLHF
-
-
-class ScalarHead(nn.Module):
-    """One linear map from a hidden state (C) to a number: the reward head (stage 3) and the value head
-    (stage 4) are both this, each under its own name."""
-
-    def __init__(self, n_embd):
-        super().__init__()
-        self.proj = nn.Linear(n_embd, 1)
-        # Zero-initialised: the head starts at exactly 0 for every input, so the first Bradley-Terry
-        # loss is log 2 (no pair preferred) and the first value estimate is 0 (no expected return yet);
-        # the gradient of a zero-initialised final layer is still non-zero, since it is the hidden state.
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, hidden):
-        return self.proj(hidden).squeeze(-1)  # (...,C) -> (...)
-
-
-def last_token_index(attention_mask):
-    """Index of the last real token of each row (the EOS that ends the answer), for left or right padding."""
-    T = attention_mask.size(1)
-    return T - 1 - attention_mask.flip(dims=[1]).argmax(dim=1)  # (B,)
-
-
-class RewardModel(nn.Module):
-    """Stage 3: the SFT transformer with its vocabulary head replaced by a scalar head, read at the last
-    token of the (prompt, answer) sequence. `offset` is subtracted so that the SFT policy's own answers
-    score 0 on average (set after training; stored in the state dict, hence in the checkpoint)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.transformer = Transformer(config)
-        self.reward_head = ScalarHead(config.n_embd)
-        self.register_buffer("offset", torch.zeros(()))
-
-    def forward(self, idx, attention_mask, prompts=None, rows=None):
-        """Rewards (B,) of the (prompt, answer) sequences idx (B, T); or, with prompts (SharedPrompts),
-        of the answers idx alone, answer i continuing the prompt in row rows[i] of prompts."""
-        if prompts is None:
-            hidden = self.transformer(idx, attention_mask)  # (B, T, C)
-        else:
-            hidden = prompts.continue_with(self.transformer, rows, idx, attention_mask)  # (B, T, C): the answers'
-        # exercise reward_at_eos: h_last (B, C), hidden at each row's last real token (last_token_index)
-        last = last_token_index(attention_mask)  # (B,)
-        h_last = hidden[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
-        # end exercise
-        return self.reward_head(h_last) - self.offset  # (B,)
-
-
-class PolicyWithValue(nn.Module):
-    """Stage 4: the policy (a GPT with its LM head) and a value head beside the LM head, on the same
-    hidden states. The value at position t estimates the return after the token at t."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.policy = GPT(config)
-        self.value_head = ScalarHead(config.n_embd)
-
-    def forward(self, idx, attention_mask):
-        """(hidden (B, T, C), values (B, T)): the caller turns hidden into log-probs with lm_head or the
-        fused kernel, so the full (B, T, V) logits need not exist."""
-        hidden = self.policy.transformer(idx, attention_mask)  # (B, T, C)
-        return hidden, self.value_head(hidden)  # (B, T, C), (B, T)
-
-
-# -----------------------------------------------------------------------------
-# Loading real GPT-2 weights from a local Hugging Face folder (no download, no extra dependency)
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def read_safetensors(path):
-    """The safetensors format: 8 bytes (little-endian u64) = N, then N bytes of JSON describing each
-    tensor (dtype, shape, byte range), then the raw bytes of all tensors."""
-    path = Path(path)
-    broken = f"{path}: not a complete safetensors file"
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        if 8 + n > len(raw):
-            raise ValueError(f"header of {n} bytes, file of {len(raw)}")
-        header = json.loads(raw[8 : 8 + n])
-    except (struct.error, ValueError) as e:
-        raise LoadError(f"{broken} ({e}); download or save it again") from None
-    data = bytearray(raw[8 + n :])
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise LoadError(f"{broken}: tensor '{name}' has an unreadable entry {info}") from None
-        count = math.prod(shape)
-        if end > len(data) or end - begin != count * torch.empty((), dtype=dtype).element_size():
-            raise LoadError(f"{broken}: tensor '{name}' needs bytes {begin}..{end}, the file holds {len(data)} "
-                            "(cut short?); download or save it again")
-        t = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(shape).clone()
-    return tensors
-
-
-# Hugging Face's GPT-2 stores these as Conv1D, whose weight is (in, out): transpose into nn.Linear's (out, in)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def gpt2_config(folder, attn_impl="auto"):
-    """Our GPTConfig from a Hugging Face GPT-2 config.json; every field that changes the maths is read,
-    and one we do not implement is refused by name rather than silently ignored."""
-    path = Path(folder) / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LoadError(f"{path}: not valid JSON ({e}); restore the Hugging Face config.json") from None
-    if not isinstance(hf, dict):
-        raise LoadError(f"{path}: expected a JSON object")
-    gelu = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # Hugging Face's names
-    activation = hf.get("activation_function", "gelu_new")
-    if hf.get("model_type", "gpt2") != "gpt2" or activation not in gelu:
-        raise LoadError(f"{path}: not a GPT-2 config (model_type={hf.get('model_type')}, "
-                        f"activation_function={hf.get('activation_function')})")
-    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
-        if isinstance(hf.get(key), bool) or not isinstance(hf.get(key), int) or hf[key] <= 0:
-            raise LoadError(f"{path}: field '{key}' is missing or not a positive integer ({hf.get(key)!r})")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise LoadError(f"{path}: n_inner={hf['n_inner']} is not supported (the MLP here is 4 * n_embd wide)")
-    if hf.get("add_cross_attention"):
-        raise LoadError(f"{path}: add_cross_attention is not supported (a decoder-only GPT-2 is expected)")
-    # reorder_and_upcast_attn only changes the precision of the scores (fp32 on the GPU); accepted.
-    return GPTConfig(
-        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-        n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), attn_impl=attn_impl,
-        tie_word_embeddings=hf.get("tie_word_embeddings", True), scale_attn_weights=hf.get("scale_attn_weights", True),
-        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
-        gelu_approximate=gelu[activation],
-    )
-
-
-def load_gpt2_weights(folder, attn_impl="auto"):
-    """A GPT from a local Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin."""
-    folder = Path(folder)
-    expected = "config.json plus model.safetensors or pytorch_model.bin (a Hugging Face GPT-2 folder)"
-    if not folder.is_dir():
-        raise LoadError(f"{folder}: no such folder; --weights must point at {expected}")
-    if not (folder / "config.json").is_file():
-        raise LoadError(f"{folder}: config.json is missing; expected {expected}")
-    config = gpt2_config(folder, attn_impl)
-    if (folder / "model.safetensors").is_file():
-        state = read_safetensors(folder / "model.safetensors")
-    elif (folder / "pytorch_model.bin").is_file():
-        try:
-            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:  # a file cut short, or not a state dict; torch's own message is long
-            raise LoadError(f"{folder}/pytorch_model.bin: cannot be read ({type(e).__name__}); was it fully "
-                            "downloaded?") from None
-        if not isinstance(state, dict):
-            raise LoadError(f"{folder}/pytorch_model.bin: not a state dict of tensors")
-    else:
-        raise LoadError(f"{folder}: no model.safetensors or pytorch_model.bin; expected {expected}")
-
-    model = GPT(config)
-    ours = model.state_dict()
-    loaded = {}
-    for name, tensor in state.items():
-        key = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-        if key.endswith(("attn.bias", "attn.masked_bias")) and key not in ours:
-            continue  # old checkpoints store the causal mask as a buffer; we build it on the fly
-        if key not in ours:
-            raise LoadError(f"{folder}: unexpected tensor '{name}' for GPT-2; is this a GPT-2 checkpoint?")
-        if key.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        if tensor.shape != ours[key].shape:
-            raise LoadError(f"{folder}: '{name}' has shape {tuple(tensor.shape)}, config.json implies "
-                            f"{tuple(ours[key].shape)}")
-        loaded[key] = tensor
-    if config.tie_word_embeddings:
-        loaded["lm_head.weight"] = loaded.get("transformer.wte.weight")  # one matrix, often stored once
-    missing = [k for k in ours if loaded.get(k) is None]
-    if missing:
-        raise LoadError(f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]})")
-    model.load_state_dict(loaded)
-    return model
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: one format for every stage
-
-CHECKPOINT_FORMAT = "rlhf-course-checkpoint/2"  # /2: the tokenizer's table is saved, RewardModel.transformer
-STAGE_MODELS = {"sft": GPT, "reward": RewardModel, "ppo": PolicyWithValue}
-STAGE_SCRIPTS = {"sft": "train_sft.py", "reward": "train_reward.py", "ppo": "train_ppo.py"}
-
-
-def save_checkpoint(path, model, stage, step, train_args, tokenizer, optimizer=None, extra=None):
-    """Everything needed to use or resume a stage: config, weights, which stage wrote it, the tokenizer
-    (data.Tokenizer.state(): its compact table, if any), the training arguments, the step, the optimizer
-    state, and stage-specific extras. Written to a temporary file and renamed, so a run stopped mid-save
-    never leaves a half-written checkpoint (and a leftover temporary file is overwritten next time)."""
-    assert stage in STAGE_MODELS
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "stage": stage,
-        "model_config": asdict(model.config),
-        "model": model.state_dict(),
-        "tokenizer": tokenizer,
-        "train_args": train_args,
-        "step": step,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "extra": extra or {},
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there if the save failed
-
-
-def load_checkpoint(path, stages, map_location="cpu"):
-    """The checkpoint dict, after checking that it is ours and was written by one of `stages`."""
-    path = Path(path)
-    stages = (stages,) if isinstance(stages, str) else tuple(stages)
-    if not path.is_file():
-        hint = " or ".join(dict.fromkeys(STAGE_SCRIPTS[s] for s in stages))
-        raise LoadError(f"{path}: no such checkpoint; train one with {hint}, or fix the path")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file; torch's own message is long
-        raise LoadError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); was it fully written?") from None
-    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("rlhf-course-checkpoint/"):
-        raise LoadError(f"{path}: not a checkpoint of this repository (for Hugging Face GPT-2 weights use "
-                        "--init gpt2 --weights DIR)")
-    if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise LoadError(f"{path}: written by another version of this repository ({ckpt['format']}, this one reads "
-                        f"{CHECKPOINT_FORMAT}); train it again")
-    if ckpt["stage"] not in stages:
-        want = " or ".join(f"'{s}' (from {STAGE_SCRIPTS[s]})" for s in stages)
-        raise LoadError(f"{path} is a '{ckpt['stage']}' checkpoint, but a {want} checkpoint is needed here")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, attn_impl=None):
-    """Rebuild the stage's model (GPT, RewardModel or PolicyWithValue) with its weights."""
-    known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
-    if attn_impl is not None:
-        config.attn_impl = attn_impl
-    model = STAGE_MODELS[ckpt["stage"]](config)
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def policy_from_checkpoint(ckpt, attn_impl=None):
-    """The language model inside an sft or ppo checkpoint: what samples answers, and what the next
-    RLHF round (or the reward model) starts from."""
-    model = model_from_checkpoint(ckpt, attn_impl)
-    return model.policy if isinstance(model, PolicyWithValue) else model

@@ -13,12 +13,12 @@
 #
 # Rounds (InstructGPT, Llama 2): round 1 is the pipeline above. In round r >= 2 the simulated labellers
 # rank answers of round r-1's policies (in round 2 also the unleashed one's: its hacks get labelled),
-# a reward model is trained from the SFT weights on the comparisons of every round so far, and PPO
-# continues from round r-1's policy, still held by the KL penalty to the SFT model, the reference.
+# round r-1's reward model trains on, on the comparisons of every round so far, and PPO continues from
+# round r-1's policy, still held by the KL penalty to the SFT model, the reference.
 #
 # The two round-1 PPO runs differ only in kl_coef, so they run at the same time, side by side, when the
 # machine has a core for every thread of both: OMP_NUM_THREADS threads each, or, unset, half the cores
-# each (on 2 cores: one thread each). Never more: two processes of two threads on a 2-core CPU took 5x
+# each (on 2 cores: one thread each). Never more: two processes of two threads on a 2-core CPU take 5x
 # longer than one after the other (bench/RESULTS.md). Each process computes exactly what it computes
 # alone with as many threads. SIDE_BY_SIDE=0: one after the other, with the threads of the other stages.
 #
@@ -120,6 +120,6 @@ for ((r = 2; r <= ROUNDS; r++)); do
 done
 
 timed figures python notebooks/plots.py "$OUT"
-timed report python report.py "$OUT"
+timed report python tools/report.py "$OUT"
 echo "pipeline $SECONDS s" >> "$OUT/times.txt"  # this command's wall time: the PPO runs may have overlapped
 echo "pipeline done in $SECONDS s; figures in $OUT/*.png; stage times in $OUT/times.txt"

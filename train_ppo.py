@@ -36,18 +36,17 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
-import task
-from data import DataError, Tokenizer, Truncation, decode_answers, encode_prompt, load_prompts
 from kernels.logprob import IMPLS as LOGPROB_IMPLS
-from kernels.logprob import linear_logprobs, token_kl
-from model import (
-    PolicyWithValue, check_sampling, last_token_index, load_checkpoint, model_from_checkpoint, policy_from_checkpoint,
-    save_checkpoint,
-)
-from training import (
-    MetricsLog, Progress, autocast, batch_indices, check, check_choice, check_finite, check_out_dir, check_positive,
-    check_seed, fit_lengths, flag, parse_args, pick_device, run,
+from kernels.logprob import linear_logprobs
+from model import PolicyWithValue, last_token_index
+from support import task
+from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
+from support.data import DataError, Tokenizer, Truncation, decode_answers, encode_prompt, load_prompts
+from support.training import (
+    MetricsLog, Progress, autocast, batch_indices, check, check_finite, check_flags, check_out_dir, fit_lengths, flag,
+    parse_args, pick_device, run,
 )
 
 
@@ -63,66 +62,60 @@ class Config:
     reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it)")
     data: str = flag("default", "'default' for the built-in task's prompts, or a JSONL with prompts (any of the data "
                      "formats)")
-    n_prompts: int = flag(4000, "built-in task: training prompts drawn (with repeats) from its train split")
-    iterations: int = flag(150, "PPO iterations: each one a rollout, then ppo_epochs of updates on it")
-    prompts_per_iter: int = flag(32, "prompts per rollout")
-    samples_per_prompt: int = flag(2, "answers sampled per prompt (more comparisons of the same prompt per rollout)")
-    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
-    max_new_tokens: int = flag(24, "longest answer; an answer cut here has no EOS and pays eos_penalty")
+    n_prompts: int = flag(4000, "built-in task: training prompts drawn (with repeats) from its train split", min=1)
+    iterations: int = flag(150, "PPO iterations: each one a rollout, then ppo_epochs of updates on it", min=1)
+    prompts_per_iter: int = flag(32, "prompts per rollout", min=1)
+    samples_per_prompt: int = flag(2, "answers sampled per prompt (more comparisons of the same prompt per rollout)",
+                                   min=1)
+    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)",
+                                  min=0)
+    max_new_tokens: int = flag(24, "longest answer; an answer cut here has no EOS and pays eos_penalty", min=1)
     temperature: float = flag(1.0, "sampling temperature; the log-probs use the same one (the policy is "
-                              "softmax(z / T))")
-    # 0.2 with lr 4e-4 (were 0.1 and 2e-4): the larger step lets the unleashed run (kl_coef 0) reach its hack within
-    # 150 iterations, and the doubled leash keeps this run near the KL (1.5-2 nats) where gold gained most
-    # (bench/RESULTS.md, "A stronger push and a stronger leash")
+                              "softmax(z / T))", above=0)
+    # a leash strong enough to keep the KL near 1.5-2 nats, where gold gained most, and a step large enough that
+    # the unleashed run (kl_coef 0) finds its hack within 150 iterations (bench/RESULTS.md, "A stronger push and a
+    # stronger leash")
     kl_coef: float = flag(0.2, "weight of the per-token KL penalty against the reference (the initial value if "
-                          "adaptive_kl)")
+                          "adaptive_kl)", min=0)
     adaptive_kl: bool = flag(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, section 2.2)")
-    target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats")
-    kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over")
-    eos_penalty: float = flag(1.0, "subtracted from the score of an answer that did not end with EOS")
+    target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats", above=0)
+    kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over", min=1)
+    eos_penalty: float = flag(1.0, "subtracted from the score of an answer that did not end with EOS", min=0)
     reward_scaling: bool = flag(False, "divide scores by their running standard deviation")
     whiten_advantages: bool = flag(True, "normalise advantages to mean 0, std 1 over the rollout's answer tokens")
-    gamma: float = flag(1.0, "discount; 1: a token early in the answer matters as much as a late one")
-    lam: float = flag(0.95, "GAE lambda: 1 = Monte Carlo returns (high variance), 0 = one-step TD (high bias)")
-    ppo_epochs: int = flag(2, "passes over each rollout")
-    minibatch_size: int = flag(32, "answers per PPO update")
-    clip_eps: float = flag(0.2, "policy ratio clip range")
-    clip_value: float = flag(0.2, "value clip range around the rollout's values (its own coefficient, not clip_eps)")
-    vf_coef: float = flag(0.5, "weight of the value loss")
-    lr: float = flag(4e-4, "learning rate of policy and value head (constant)")
-    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
-    # 25, not 10: an eval samples 256 answers, four rollouts' worth; every 10 iterations that was 4096 answers
-    # beside the rollouts' 9600. Its prompts and sampling seed are its own: the interval changes no result
-    eval_interval: int = flag(25, "evaluate on held-out prompts and checkpoint every this many iterations")
+    gamma: float = flag(1.0, "discount; 1: a token early in the answer matters as much as a late one", min=0, max=1)
+    lam: float = flag(0.95, "GAE lambda: 1 = Monte Carlo returns (high variance), 0 = one-step TD (high bias)",
+                      min=0, max=1)
+    ppo_epochs: int = flag(2, "passes over each rollout", min=1)
+    minibatch_size: int = flag(32, "answers per PPO update", min=1)
+    clip_eps: float = flag(0.2, "policy ratio clip range", above=0, below=1)
+    clip_value: float = flag(0.2, "value clip range around the rollout's values (its own coefficient, not clip_eps)",
+                             above=0)
+    vf_coef: float = flag(0.5, "weight of the value loss", min=0)
+    lr: float = flag(4e-4, "learning rate of policy and value head (constant)", above=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", min=0)
+    # an eval samples 256 answers, four rollouts' worth: every 25 iterations keeps it a small share of the run.
+    # Its prompts and sampling seed are its own, so the interval changes no result.
+    eval_interval: int = flag(25, "evaluate on held-out prompts and checkpoint every this many iterations", min=1)
     eval_prompts: int = flag(256, "held-out prompts for the eval (gold score on the built-in task), sampled with a "
-                             "fixed seed: every eval of a run (and of runs with the same --seed) uses the same draws")
-    sample_interval: int = flag(10, "write a few (prompt, answer, reward, gold) samples every this many iterations")
-    logprob_impl: str = flag("auto", "per-token log-probs: 'auto' (Triton on CUDA), 'triton' or 'torch' (reference)")
-    seed: int = flag(1337, "seed for prompt order and sampling")
+                             "fixed seed: every eval of a run (and of runs with the same --seed) uses the same draws",
+                             min=1)
+    sample_interval: int = flag(10, "write a few (prompt, answer, reward, gold) samples every this many iterations",
+                                min=1)
+    logprob_impl: str = flag("auto", "per-token log-probs: 'auto' (Triton on CUDA), 'triton' or 'torch' (reference)",
+                             choices=LOGPROB_IMPLS)
+    seed: int = flag(1337, "seed for prompt order and sampling", min=0, max=2**31 - 1)
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
+    attn_impl: str = flag("auto", "attention implementation", choices=("auto", "triton", "sdpa", "naive"))
     resume: bool = flag(False, "continue from out_dir/ckpt.pt at the iteration it saved")
 
 
 def check_config(cfg):
     """Every flag checked before any work starts (a bad one must not crash after the first evaluation)."""
-    check_positive(cfg, "n_prompts", "iterations", "prompts_per_iter", "samples_per_prompt", "max_new_tokens",
-                   "ppo_epochs", "minibatch_size", "lr", "eval_interval", "eval_prompts", "sample_interval",
-                   "kl_horizon", "target_kl")
-    check(cfg.temperature > 0,
-          f"--temperature must be > 0: PPO's log-probs are those of softmax(z / T), got {cfg.temperature}")
-    check_sampling(cfg.temperature)
-    check(cfg.kl_coef >= 0 and cfg.eos_penalty >= 0 and cfg.vf_coef >= 0 and cfg.grad_clip >= 0,
-          "--kl_coef, --eos_penalty, --vf_coef and --grad_clip must be >= 0")
-    check(0 < cfg.clip_eps < 1 and cfg.clip_value > 0, "--clip_eps must be in (0, 1) and --clip_value > 0")
-    check(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1, "--gamma and --lam must be in [0, 1]")
-    check(cfg.max_prompt_tokens >= 0, "--max_prompt_tokens must be >= 0")
+    check_flags(cfg)
     check(cfg.minibatch_size <= cfg.prompts_per_iter * cfg.samples_per_prompt,
           f"--minibatch_size {cfg.minibatch_size} is larger than a rollout "
           f"({cfg.prompts_per_iter} prompts x {cfg.samples_per_prompt} samples)")
-    check_choice(cfg, "logprob_impl", LOGPROB_IMPLS)
-    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
-    check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
 
 
@@ -218,7 +211,7 @@ def ppo_policy_loss(logp, logp_old, advantages, action_mask, clip_eps):
     loss = masked_mean(torch.max(unclipped, clipped), action_mask)
     # end exercise
     # the fraction of tokens whose ratio left [1 - clip_eps, 1 + clip_eps], as CleanRL and the PPO paper
-    # log it: how far one rollout's updates move the policy (on about half of them the clip binds)
+    # log it: how far one rollout's updates move the policy
     clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), action_mask)
     # approx KL(old || new) with the low-variance estimator (ratio - 1) - log ratio (Schulman, "Approximating
     # KL divergence", 2020): always >= 0, and the health metric CleanRL logs
@@ -270,21 +263,26 @@ class RunningStd:
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var(returns - values) / Var(returns): 1 is a perfect value head, 0 no better than a constant."""
+    """1 - Var(returns - values) / Var(returns), a 0-dim tensor: 1 is a perfect value head, 0 no better
+    than a constant."""
     v, r = values[mask.bool()], returns[mask.bool()]
-    return (1 - (r - v).var() / r.var()).item() if r.numel() > 1 else float("nan")
+    return 1 - (r - v).var() / r.var() if r.numel() > 1 else torch.tensor(float("nan"))
 
 
 @torch.no_grad()
-def exact_kl(policy, ref, hidden, hidden_ref, action_mask, temperature, impl, chunk=1024):
+def exact_kl(policy, ref, hidden, hidden_ref, action_mask, temperature, chunk=1024):
     """KL(pi(. | s_t) || pi_ref(. | s_t)) summed over the whole vocabulary at each action state, (B, T).
 
     The penalty uses logp - logp_ref at the sampled token, an unbiased but noisy estimate of this; the
-    exact value, logged beside it, shows how noisy (it needs the full logits, so only for the metric)."""
+    exact value, logged beside it, shows how noisy. It needs the full (N, V) logits, chunk rows at a time,
+    and only as a metric: no gradient goes through it."""
     acts = action_mask[:, 1:].bool()
     h, h_ref = hidden[:, :-1][acts], hidden_ref[:, :-1][acts]  # (N, C) each
-    kl = [token_kl(h[i : i + chunk] @ policy.lm_head.weight.T, h_ref[i : i + chunk] @ ref.lm_head.weight.T,
-                   temperature, impl=impl) for i in range(0, len(h), chunk)]  # (Nc, V) logits per chunk
+    kl = []
+    for i in range(0, len(h), chunk):
+        logp = F.log_softmax(h[i : i + chunk] @ policy.lm_head.weight.T / temperature, dim=-1)  # (Nc, V)
+        logp_ref = F.log_softmax(h_ref[i : i + chunk] @ ref.lm_head.weight.T / temperature, dim=-1)  # (Nc, V)
+        kl.append((logp.exp() * (logp - logp_ref)).sum(dim=-1))  # (Nc,)
     out = torch.zeros(action_mask.shape, device=action_mask.device)
     out[:, 1:][acts] = torch.cat(kl)
     return out
@@ -305,39 +303,35 @@ def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mas
             score = reward_model(tok, att).float()  # read at the last real token: the answer's EOS
         logp, entropy = action_logprobs(model.policy, hidden, tok, act, cfg.temperature, cfg.logprob_impl)
         logp_ref, _ = action_logprobs(ref, hidden_ref, tok, act, cfg.temperature, cfg.logprob_impl)
-        kl_exact = exact_kl(model.policy, ref, hidden.float(), hidden_ref.float(), act, cfg.temperature,
-                            cfg.logprob_impl)
+        kl_exact = exact_kl(model.policy, ref, hidden.float(), hidden_ref.float(), act, cfg.temperature)
         for key, value in zip(out, (logp, entropy, at_actions(values.float(), act), logp_ref, kl_exact, score)):
             out[key].append(value)
     return {key: torch.cat(value) for key, value in out.items()}
 
 
-@torch.no_grad()
-def sample_and_score(model, reward_model, tok, prompts, prompt_ids, cfg, device, seed):
-    """Answers sampled from the policy for a list of prompts (text and token ids), with their reward-model
-    scores and (on the built-in task) their gold scores: the held-out eval."""
-    answers, scores = [], []
-    for start in range(0, len(prompts), 128):
-        tokens, attention_mask, answer_mask = model.policy.generate(prompt_ids[start : start + 128], cfg.max_new_tokens,
-                                                                    tok.eos_id, cfg.temperature, seed=seed + start)
-        answers += decode_answers(tok, tokens, answer_mask)
-        with autocast(device):
-            scores += reward_model(tokens, attention_mask).float().tolist()
-    gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
-    return answers, scores, gold
+def rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates):
+    """The iteration's metrics as Python floats: means over the rollout's answers (or answer tokens), and
+    the update metrics' means over all updates, fetched from the device in one sync."""
+    stats = {
+        "reward": roll["score"].mean(),  # the reward model's score, before penalties
+        "kl": kl.sum(1).mean(),  # sum over the answer of logp - logp_ref (the penalty's estimate), mean over answers
+        "kl_exact": roll["kl_exact"].sum(1).mean(),  # the same with the exact KL over the vocabulary
+        "entropy": masked_mean(roll["entropy"], action_mask),
+        **sums,
+        "explained_variance": explained_variance(roll["values"], returns, action_mask),
+        "answer_length": action_mask.sum(1).mean(),
+        "eos_fraction": ends_with_eos.float().mean(),
+    }
+    record = dict(zip(stats, torch.stack([torch.as_tensor(v).float() for v in stats.values()]).tolist()))  # sync
+    return {key: value / n_updates if key in sums else value for key, value in record.items()}
 
 
 # -----------------------------------------------------------------------------
-# The training run
+# Models, prompts, evaluation
 
 
-def main(cfg):
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
-
-    # --- the models: policy + value head (trained), reference (frozen), reward model (frozen) ---
+def load_models(cfg, device):
+    """(policy with a fresh value head, the frozen reference, the frozen reward model, the tokenizer)."""
     sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
     tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
     sft_policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl)
@@ -357,25 +351,13 @@ def main(cfg):
     model = PolicyWithValue(sft_policy.config)
     # the value head starts afresh: a policy from an earlier round brings no value head for this reward model
     model.policy.load_state_dict(start_policy.state_dict())
-    fit_lengths(cfg, model.config.block_size, "max_new_tokens")
-    model.to(device)
-    # dropout is 0 in every config here, but eval() makes sure: PPO's ratio compares log-probs of the
-    # sampling policy and the updated policy, and dropout noise would count as a policy change
-    model.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    kl_coef, score_std, start_iter = cfg.kl_coef, RunningStd(), 0
-    if cfg.resume:  # everything a stopped run needs to continue as if it had never stopped
-        resume_ckpt = load_checkpoint(ckpt_path, "ppo")
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        start_iter, kl_coef = resume_ckpt["step"], resume_ckpt["extra"]["kl_coef"]
-        vars(score_std).update(resume_ckpt["extra"]["score_std"])
-        print(f"resuming {ckpt_path} at iteration {start_iter}")
-    kl_ctl = AdaptiveKLController(kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
-    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
-    samples_log = MetricsLog(f"{cfg.out_dir}/samples.jsonl", resume_step=start_iter if cfg.resume else None)
+    # eval(): PPO's ratio compares the log-probs of the sampling policy and the updated one, and train-time
+    # noise (dropout, were a model to have it) would count as a change of the policy
+    return model.to(device).eval(), ref, reward_model, tok
 
-    # --- prompts ---
+
+def prompt_sets(cfg, tok):
+    """(train prompts, their token ids, held-out prompts, their token ids), tokenized once."""
     if cfg.data == "default":
         train_prompts = task.make_prompts(cfg.n_prompts, "train", cfg.seed + 5)
         eval_prompts = task.make_prompts(cfg.eval_prompts, "eval", cfg.seed + 6)
@@ -387,22 +369,52 @@ def main(cfg):
         raise DataError(f"{cfg.data}: {len(train_prompts)} prompts, fewer than --prompts_per_iter "
                         f"{cfg.prompts_per_iter}")
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
-    train_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in train_prompts]  # tokenized once
+    train_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in train_prompts]
     eval_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in eval_prompts]
     print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held-out, from {cfg.data}; {trunc.report()}")
+    return train_prompts, train_ids, eval_prompts, eval_ids
 
-    def evaluate(step):
-        # the same held-out prompts and sampling seed at every eval: the curve moves only if the policy does
-        answers, scores, gold = sample_and_score(model, reward_model, tok, eval_prompts, eval_ids, cfg, device,
-                                                 cfg.seed + 7)
-        metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
-        if gold is not None:  # no gold judge for outside data
-            metrics["eval_gold"] = sum(gold) / len(gold)
-        log.write(metrics)
-        return metrics
 
+@torch.no_grad()
+def evaluate(model, reward_model, tok, prompts, prompt_ids, cfg, device, step):
+    """The held-out eval: answers to the same prompts with the same sampling seed every time (the curve
+    moves only if the policy does), their mean reward-model score and, on the built-in task, gold score."""
+    answers, scores = [], []
+    for start in range(0, len(prompts), 128):
+        tokens, attention_mask, answer_mask = model.policy.generate(
+            prompt_ids[start : start + 128], cfg.max_new_tokens, tok.eos_id, cfg.temperature, seed=cfg.seed + 7 + start)
+        answers += decode_answers(tok, tokens, answer_mask)
+        with autocast(device):
+            scores += reward_model(tokens, attention_mask).float().tolist()
+    metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
+    if cfg.data == "default":  # no gold judge for outside data
+        metrics["eval_gold"] = sum(task.gold_score(p, a) for p, a in zip(prompts, answers)) / len(answers)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# The training run
+
+
+def main(cfg):
+    check_config(cfg)
+    device = pick_device(cfg.device, cfg.attn_impl)
+    torch.manual_seed(cfg.seed)
+    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
+
+    # ---- the models: policy + value head (trained), reference (frozen), reward model (frozen); the prompts ----
+    model, ref, reward_model, tok = load_models(cfg, device)
+    cfg = fit_lengths(cfg, model.config.block_size, "max_new_tokens")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    score_std = RunningStd()
+    start_iter, kl_coef = resume(ckpt_path, model, optimizer, score_std) if cfg.resume else (0, cfg.kl_coef)
+    kl_ctl = AdaptiveKLController(kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
+    samples_log = MetricsLog(f"{cfg.out_dir}/samples.jsonl", resume_step=start_iter if cfg.resume else None)
+    train_prompts, train_ids, eval_prompts, eval_ids = prompt_sets(cfg, tok)
     if start_iter == 0:
-        metrics = evaluate(0)
+        metrics = evaluate(model, reward_model, tok, eval_prompts, eval_ids, cfg, device, 0)
+        log.write(metrics)
         print(f"iteration 0 ({cfg.policy or 'the SFT policy'}): eval reward {metrics['eval_reward']:.3f}, "
               f"eval gold {metrics.get('eval_gold', float('nan')):.3f}")
 
@@ -412,7 +424,6 @@ def main(cfg):
         t0 = time.time()
         rows = batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed)
         rows = [i for i in rows for _ in range(cfg.samples_per_prompt)]
-        prompts = [train_prompts[i] for i in rows]
         tokens, attention_mask, answer_mask = model.policy.generate(
             [train_ids[i] for i in rows], cfg.max_new_tokens, tok.eos_id, cfg.temperature, seed=cfg.seed * 1000 + it)
         gen_time = time.time() - t0
@@ -454,42 +465,20 @@ def main(cfg):
                 n_updates += 1
         train_time = time.time() - t1
 
-        # ---- 5. adapt the KL coefficient, log ----
-        kl_per_answer = kl.sum(1).mean().item()  # a sync point, once per iteration
-        if kl_ctl is not None:
-            kl_ctl.update(kl_per_answer, len(tokens))
-            kl_coef = kl_ctl.value
+        # ---- 5. adapt the KL coefficient, log; evaluate and checkpoint every eval_interval ----
         step = it + 1
-        record = {
-            "step": step,
-            "reward": roll["score"].mean().item(),  # the reward model's score, before penalties
-            "kl": kl_per_answer,  # sum over the answer of logp - logp_ref (the penalty's estimate), mean over answers
-            "kl_exact": roll["kl_exact"].sum(1).mean().item(),  # the same with the exact KL over the vocabulary
-            "kl_coef": kl_coef,
-            "entropy": masked_mean(roll["entropy"], action_mask).item(),
-            **{key: float(value) / n_updates for key, value in sums.items()},  # means over all updates
-            "explained_variance": explained_variance(roll["values"], returns, action_mask),
-            "answer_length": answer_mask.sum(1).float().mean().item(),
-            "eos_fraction": ends_with_eos.float().mean().item(),
-            "gen_tokens_per_s": answer_mask.sum().item() / gen_time,
-            "train_tokens_per_s": attention_mask.sum().item() * (cfg.ppo_epochs + 1) / train_time,
-        }
-        answers = decode_answers(tok, tokens, answer_mask)
-        gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
-        if gold is not None:
-            record["gold"] = sum(gold) / len(gold)
-        check_finite(record["policy_loss"] + record["value_loss"], f"the PPO loss at iteration {step}",
-                     "lower --lr and start again")
-        log.write(record)
-        progress.update(step, reward=record["reward"], gold=record.get("gold", float("nan")), kl=record["kl"],
-                        clip=record["clip_frac"])
-        if step % cfg.sample_interval == 0 or step == cfg.iterations:
-            scores = roll["score"].tolist()
-            for i in range(0, min(len(answers), 4 * cfg.samples_per_prompt), cfg.samples_per_prompt):
-                samples_log.write({"step": step, "prompt": prompts[i], "answer": answers[i], "reward": scores[i],
-                                   "gold": gold[i] if gold is not None else None})
+        record = {"step": step, **rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates)}
+        if kl_ctl is not None:
+            kl_ctl.update(record["kl"], len(tokens))
+            kl_coef = kl_ctl.value
+        n_tokens = sum(len(train_ids[i]) for i in rows) + record["answer_length"] * len(rows)  # counted on the host
+        record.update(kl_coef=kl_coef, gen_tokens_per_s=record["answer_length"] * len(rows) / gen_time,
+                      train_tokens_per_s=n_tokens * (cfg.ppo_epochs + 1) / train_time)
+        prompts, answers = [train_prompts[i] for i in rows], decode_answers(tok, tokens, answer_mask)
+        log_iteration(log, samples_log, progress, record, prompts, answers, roll["score"].tolist(), cfg)
         if step % cfg.eval_interval == 0 or step == cfg.iterations:
-            metrics = evaluate(step)
+            metrics = evaluate(model, reward_model, tok, eval_prompts, eval_ids, cfg, device, step)
+            log.write(metrics)
             save_checkpoint(ckpt_path, model, "ppo", step, asdict(cfg), tok.state(), optimizer,
                             extra={"kl_coef": kl_coef, "score_std": vars(score_std), "metrics": metrics})
             progress.close()
@@ -499,6 +488,34 @@ def main(cfg):
                 print(f"  {p!r} -> {a!r} (reward {s:.2f})")
     progress.close()
     return model, ref
+
+
+def resume(ckpt_path, model, optimizer, score_std):
+    """Everything a stopped run needs to continue as if it had never stopped: the weights, the optimizer and
+    the running score scale from its checkpoint. Returns (the iteration to start at, the KL coefficient)."""
+    ckpt = load_checkpoint(ckpt_path, "ppo")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    vars(score_std).update(ckpt["extra"]["score_std"])
+    print(f"resuming {ckpt_path} at iteration {ckpt['step']}")
+    return ckpt["step"], ckpt["extra"]["kl_coef"]
+
+
+def log_iteration(log, samples_log, progress, record, prompts, answers, scores, cfg):
+    """The iteration's metrics (with the gold score of its answers on the built-in task) into metrics.jsonl
+    and the progress bar; every sample_interval, the first answer to each of four prompts into samples.jsonl."""
+    gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
+    if gold is not None:
+        record["gold"] = sum(gold) / len(gold)
+    check_finite(record["policy_loss"] + record["value_loss"], f"the PPO loss at iteration {record['step']}",
+                 "lower --lr and start again")
+    log.write(record)
+    progress.update(record["step"], reward=record["reward"], gold=record.get("gold", float("nan")), kl=record["kl"],
+                    clip=record["clip_frac"])
+    if record["step"] % cfg.sample_interval == 0 or record["step"] == cfg.iterations:
+        for i in range(0, min(len(answers), 4 * cfg.samples_per_prompt), cfg.samples_per_prompt):
+            samples_log.write({"step": record["step"], "prompt": prompts[i], "answer": answers[i],
+                               "reward": scores[i], "gold": gold[i] if gold is not None else None})
 
 
 if __name__ == "__main__":

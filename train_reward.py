@@ -24,17 +24,13 @@ What gets compared matters. InstructGPT's labellers ranked the SFT model's own s
 model then learns to judge the kind of answers PPO will show it. On the built-in task we do the same:
 the SFT policy answers each training prompt K times and the simulated labellers rank the answers.
 
-RLHF runs in rounds (InstructGPT; Llama 2 ran five): the best policy so far answers new prompts, the
-labellers rank those answers, and the reward model is trained again on every round's comparisons
-(--policy names the policies that answer, --extra_data the earlier rounds' comparisons.jsonl). A round
-starts from the last round's reward model (--init) and trains it on all of them, the old comparisons
-too, so that it keeps what it learned; started again from the SFT weights, the same steps on twice the
-data left it weaker than the model it replaced (bench/RESULTS.md).
-
 The reward only has meaning up to a constant (Bradley-Terry sees differences), so after training we
-pick the constant: the SFT policy's own answers to held-out prompts (in a later round, the answers of
-the policy PPO starts from) score 0 on average. PPO then starts
+pick the constant: the SFT policy's own answers to held-out prompts score 0 on average. PPO then starts
 from rewards near 0, which keeps its value targets and its KL trade-off on a sane scale.
+
+A later RLHF round (pipeline.sh's ROUNDS) runs this script again with three more inputs, the last part
+of this file: the policies whose answers are ranked, earlier rounds' comparisons, and the reward model
+to continue from.
 
     python train_reward.py                          # built-in task, from out/sft/ckpt.pt, CPU
     python train_reward.py --data ../shared/data/hh_rlhf_sample.jsonl --sft out/sft/ckpt.pt
@@ -49,15 +45,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import task
-from data import DataError, Tokenizer, Truncation, encode_answer, encode_prompt, load_preferences, pad_batch
-from model import (
-    RewardModel, SharedPrompts, load_checkpoint, model_from_checkpoint, policy_from_checkpoint, sample_answers,
-    save_checkpoint,
-)
-from training import (
-    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_choice, check_finite, check_out_dir,
-    check_positive, check_seed, fit_lengths, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
+from model import RewardModel, sample_answers
+from support import task
+from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
+from support.data import DataError, Tokenizer, Truncation, encode_answer, encode_prompt, load_preferences, pad_batch
+from support.speedups import answer_rewards
+from support.training import (
+    MetricsLog, Progress, adamw, batch_indices, check, check_finite, check_flags, check_out_dir, fit_lengths, flag,
+    parse_args, pick_device, run, set_lr, warmup_cosine,
 )
 
 
@@ -72,63 +67,53 @@ class Config:
     eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
     candidates: str = flag("policy", "built-in task: whose answers the labellers rank, 'policy' (samples of the --sft "
                            "model, or of --policy; as InstructGPT) or 'demonstrator' (the task's own mixed-quality "
-                           "answers)")
+                           "answers)", choices=("policy", "demonstrator"))
+    # 6000 prompts x 8 answers for 1000 steps: what it takes to agree with the gold judge on 85% of held-out
+    # pairs in every seed (bench/RESULTS.md, "What paid for a bigger reward model")
+    n_train: int = flag(6000, "built-in task: prompts whose answers are ranked for training", min=1)
+    n_eval: int = flag(256, "built-in task: held-out prompts whose answers are ranked for the eval", min=1)
+    k: int = flag(8, "built-in task: answers per prompt; all K*(K-1)/2 pairs of a ranking are used", min=2)
+    label_noise: float = flag(1.0, "labeller noise: P(a over b) = sigmoid((gold_a - gold_b) / noise); 0: always the "
+                              "better one", min=0)
+    margin_coef: float = flag(0.0, "weight of the score margin (needs a score per answer); 0 = plain Bradley-Terry",
+                              min=0)
+    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)",
+                                  min=0)
+    max_answer_tokens: int = flag(0, "answers longer than this are cut (0: 1/4 of the block size)", min=0)
+    batch_size: int = flag(16, "prompts per step (each with its 2 or K answers)", min=1)
+    length_buckets: int = flag(4, "run each batch's answers sorted by length in this many slices (less padding; "
+                               "1: one padded batch, which a GPU may prefer)", min=1)
+    max_iters: int = flag(1000, "optimizer steps", min=1)
+    # half of SFT's rate: at SFT's, the order of the batches alone decided which facts the head learned from these
+    # noisy labels (bench/RESULTS.md, "Batch order, and the reward model's learning rate")
+    lr: float = flag(1e-3, "peak learning rate (use ~1e-5 for GPT-2 weights)", above=0)
+    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay", min=0)
+    warmup_iters: int = flag(20, "linear warmup steps", min=0)
+    weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only", min=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", min=0)
+    eval_interval: int = flag(100, "evaluate and checkpoint every this many steps", min=1)
+    seed: int = flag(1337, "seed for data, order and sampling", min=0, max=2**31 - 1)
+    device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    attn_impl: str = flag("auto", "attention implementation", choices=("auto", "triton", "sdpa", "naive"))
+    resume: bool = flag(False, "continue from out_dir/ckpt.pt at the step it saved")
+    # a later RLHF round (the last part of this file)
     policy: str = flag("", "built-in task: the sft or ppo checkpoint(s) whose samples are ranked, comma-separated, "
                        "sharing each prompt's K answers (default: --sft); the first one's answers score 0 on average")
     extra_data: str = flag("", "more comparisons to train on, comma-separated JSONL files: earlier rounds' "
                            "comparisons.jsonl, label.py's labels")
     init: str = flag("", "a reward checkpoint to start from instead of the SFT weights (a later round: the last "
                      "round's reward model)")
-    # 6000 prompts, not 3000, at 750 steps: on the two weakest SFT models of six runs, gold agreement
-    # 0.815 / 0.826 -> 0.884 / 0.893, in about the same minutes now that a prompt runs once for its K answers
-    # and sampling drops the rows that ended; K = 6 or K = 12 answers per prompt at the same compute did worse
-    # than K = 8. 1000 steps, not 750: +0.007 and +0.014 on two weak ones of later runs, where 12000 prompts
-    # at 750 steps gave nothing; six runs at 1000 steps: 0.864-0.896, at 750: 0.849-0.881 (bench/RESULTS.md)
-    n_train: int = flag(6000, "built-in task: prompts whose answers are ranked for training")
-    n_eval: int = flag(256, "built-in task: held-out prompts whose answers are ranked for the eval")
-    k: int = flag(8, "built-in task: answers per prompt; all K*(K-1)/2 pairs of a ranking are used")
-    label_noise: float = flag(1.0, "labeller noise: P(a over b) = sigmoid((gold_a - gold_b) / noise); 0: always the "
-                              "better one")
-    margin_coef: float = flag(0.0, "weight of the score margin (needs a score per answer); 0 = plain Bradley-Terry")
-    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
-    max_answer_tokens: int = flag(0, "answers longer than this are cut (0: 1/4 of the block size)")
-    batch_size: int = flag(16, "prompts per step (each with its 2 or K answers)")
-    length_buckets: int = flag(4, "run each batch's answers sorted by length in this many slices (less padding; "
-                               "1: one padded batch, which a GPU may prefer)")
-    max_iters: int = flag(1000, "optimizer steps")
-    # Half of SFT's rate: at 2e-3 the order of the batches alone decided which facts the head learned to
-    # check from these noisy labels (gold agreement 0.66 to 0.83 on one set of comparisons); at 1e-3 the
-    # orders came out within 0.02 of each other, a little higher on average (bench/RESULTS.md).
-    lr: float = flag(1e-3, "peak learning rate (use ~1e-5 for GPT-2 weights)")
-    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = flag(20, "linear warmup steps")
-    weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only")
-    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
-    eval_interval: int = flag(100, "evaluate and checkpoint every this many steps")
-    seed: int = flag(1337, "seed for data, order and sampling")
-    device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
-    resume: bool = flag(False, "continue from out_dir/ckpt.pt at the step it saved")
 
 
 def check_config(cfg):
-    """Every flag checked before any work starts."""
-    check_positive(cfg, "n_train", "n_eval", "batch_size", "length_buckets", "max_iters", "lr", "eval_interval")
-    check(cfg.k >= 2, f"--k must be at least 2 (a ranking compares two or more answers), got {cfg.k}")
-    check(cfg.label_noise >= 0 and cfg.margin_coef >= 0, "--label_noise and --margin_coef must be >= 0")
-    check(cfg.min_lr >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.warmup_iters >= 0,
-          "--min_lr, --weight_decay, --grad_clip and --warmup_iters must be >= 0")
-    check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0,
-          "--max_prompt_tokens and --max_answer_tokens must be >= 0")
-    check_choice(cfg, "candidates", ("policy", "demonstrator"))
+    """Every flag checked before any work starts: each within its limits, then the rules that tie two."""
+    check_flags(cfg)
     check(not cfg.policy or (cfg.data == "default" and cfg.candidates == "policy"),
           "--policy only fits --data default with --candidates policy (the built-in task's labellers rank its answers)")
     check(all(policy_paths(cfg)) and all(extra_paths(cfg)),
           "--policy and --extra_data take paths separated by commas, none of them empty")
     check(len(policy_paths(cfg)) <= cfg.k, f"--k {cfg.k} gives fewer answers per prompt than there are --policy "
           "checkpoints")
-    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
-    check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
 
 
@@ -177,38 +162,15 @@ def pair_accuracy(r_chosen, r_rejected):
     return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
 
 
-def answer_sequences(groups):
-    """prompt + answer token ids of every answer of every group, in the order comparison_pairs counts them."""
-    return [g["prompt"] + answer for g in groups for answer in g["answers"]]
-
-
 def reward_batch(groups, pad_id, device):
-    """All answers of all groups as one right-padded batch of prompt + answer token ids."""
-    return pad_batch(answer_sequences(groups), pad_id=pad_id, device=device)  # (n_answers, T) x 2
-
-
-def answer_rewards(model, groups, pad_id, device, length_buckets=1):
-    """The reward of every answer of the groups, in the order of answer_sequences.
-
-    Each prompt runs once, and its keys and values serve all its answers (SharedPrompts): the K answers
-    of a ranking share their prompt, which on the built-in task is over half of each sequence. The
-    answers run sorted by length in `length_buckets` slices, so that a short answer is not padded to
-    the longest of the whole batch, compute a CPU spends for nothing. The rewards are those of
-    model(prompt + answer), up to float rounding."""
-    answers = [a for g in groups for a in g["answers"]]
-    rows = torch.tensor([i for i, g in enumerate(groups) for _ in g["answers"]], device=device)  # answer -> prompt
-    order = torch.tensor(sorted(range(len(answers)), key=lambda i: len(answers[i])))
-    rewards = []
-    with autocast(device):
-        prompts = SharedPrompts(model.transformer, *pad_batch([g["prompt"] for g in groups], pad_id, "left", device))
-        for bucket in order.tensor_split(min(length_buckets, len(answers))):
-            idx, mask = pad_batch([answers[i] for i in bucket], pad_id=pad_id, device=device)
-            rewards.append(model(idx, mask, prompts, rows[bucket.to(device)]).float())
-    return torch.cat(rewards)[order.argsort().to(device)]  # back in batch order
+    """All answers of all groups as one right-padded batch of prompt + answer token ids, in the order
+    comparison_pairs counts them: model(*reward_batch(groups)) is r(x, y) for every answer."""
+    return pad_batch([g["prompt"] + answer for g in groups for answer in g["answers"]], pad_id, device=device)
 
 
 def pair_loss(model, groups, pad_id, margin_coef, device, length_buckets=1):
     """Mean Bradley-Terry loss over every pair of the batch, and the rewards of each pair's two answers."""
+    # r(x, y) of every answer: model(*reward_batch(groups)), with each prompt run once (support/speedups.py)
     rewards = answer_rewards(model, groups, pad_id, device, length_buckets)  # (n_answers,)
     better, worse, gap = comparison_pairs(groups)
     margin = margin_coef * gap.to(device) if margin_coef > 0 else None
@@ -244,6 +206,23 @@ def evaluate(model, eval_groups, pad_id, cfg, device):
         metrics["gold_agreement"] = pair_accuracy(sign * r_c, sign * r_r)[decided].mean().item()
     model.train()
     return metrics
+
+
+@torch.no_grad()
+def raw_rewards(model, groups, pad_id, batch_size, device, length_buckets=1):
+    """The reward of every answer of the groups before the offset is subtracted."""
+    was_training = model.training
+    model.eval()
+    rewards = []
+    for start in range(0, len(groups), batch_size):
+        rewards.append(answer_rewards(model, groups[start : start + batch_size], pad_id, device, length_buckets)
+                       + model.offset)
+    model.train(was_training)
+    return torch.cat(rewards)
+
+
+# -----------------------------------------------------------------------------
+# Comparisons: ranked answers to the same prompt, as token ids
 
 
 def rank_by_labeller(prompt_text, prompt_ids, answers, sources, tok, noise, rng):
@@ -315,62 +294,9 @@ def save_comparisons(path, groups, tok):
                                 "answers": [tok.decode_answer(a) for a in g["answers"]], "scores": g["scores"]}) + "\n")
 
 
-def policy_paths(cfg):
-    return cfg.policy.split(",") if cfg.policy else [cfg.sft]
-
-
-def extra_paths(cfg):
-    return cfg.extra_data.split(",") if cfg.extra_data else []
-
-
-def per_policy(values, groups, n_policies):
-    """The mean of one value per answer of the groups (a reward, a gold score), for each policy."""
-    sources = torch.tensor([s for g in groups for s in g["sources"]])
-    return [values[sources == n].mean().item() for n in range(n_policies)]
-
-
-@torch.no_grad()
-def raw_rewards(model, groups, pad_id, batch_size, device, length_buckets=1):
-    """The reward of every answer of the groups before the offset is subtracted."""
-    was_training = model.training
-    model.eval()
-    rewards = []
-    for start in range(0, len(groups), batch_size):
-        rewards.append(answer_rewards(model, groups[start : start + batch_size], pad_id, device, length_buckets)
-                       + model.offset)
-    model.train(was_training)
-    return torch.cat(rewards)
-
-
-# -----------------------------------------------------------------------------
-# The training run
-
-
-def main(cfg):
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
-
-    # --- the SFT model: the reward model's starting point; the policies whose answers get ranked ---
-    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
-    tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
-    policies = []
-    for path in policy_paths(cfg):
-        ckpt = sft_ckpt if path == cfg.sft else load_checkpoint(path, ("sft", "ppo"))
-        if ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
-            raise DataError(f"{path} was trained with another tokenizer than {cfg.sft}; pass policies trained from it")
-        policies.append(policy_from_checkpoint(ckpt, cfg.attn_impl).to(device).eval())
-    policy = policies[0]
-    fit_lengths(cfg, policy.config.block_size)
-    # every other input read now, before the minutes of sampling: a wrong path fails at once
-    init_ckpt = load_checkpoint(cfg.init, "reward") if cfg.init and not cfg.resume else None
-    if init_ckpt and init_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
-        raise DataError(f"{cfg.init} was trained with another tokenizer than {cfg.sft}; pass a reward model trained "
-                        "from it")
-    extra_records = {path: load_preferences(path, "--extra_data") for path in extra_paths(cfg)}
-
-    # --- data: comparisons -> groups {prompt ids, answer ids best-first, scores}, tokenized once ---
+def comparisons(cfg, tok, policies, extra_records):
+    """(train groups, eval groups, truncation): the built-in task's answers ranked by the simulated
+    labellers (saved as comparisons.jsonl), or the comparisons of --data; then --extra_data's."""
     t0 = time.time()
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     if cfg.data == "default":
@@ -406,40 +332,71 @@ def main(cfg):
     n_pairs = len(comparison_pairs(train_groups)[0])
     print(f"data: {len(train_groups)} prompts ({n_pairs} pairs) train, {len(eval_groups)} eval, from {cfg.data}; "
           f"{trunc.report()}")
+    return train_groups, eval_groups, trunc
 
-    # --- model: the SFT transformer, its vocabulary head replaced by the scalar reward head ---
-    start_iter = 0
-    if cfg.resume:
-        resume_ckpt = load_checkpoint(ckpt_path, "reward")
-        model, start_iter = model_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
-        print(f"resuming {ckpt_path} at step {start_iter}")
+
+def own_answers(cfg, policy, eval_groups, tok, trunc):
+    """Held-out answers of the policy the offset is chosen for, as groups: its share of the eval comparisons
+    when the labellers ranked its samples, else one fresh sample per held-out prompt."""
+    if cfg.data == "default" and cfg.candidates == "policy":
+        own = [{"prompt": g["prompt"], "answers": [a for a, s in zip(g["answers"], g["sources"]) if s == 0]}
+               for g in eval_groups]
+        return [g for g in own if g["answers"]]
+    prompts = task.make_prompts(cfg.n_eval, "eval", cfg.seed + 4) if cfg.data == "default" else None
+    prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts] if prompts else [g["prompt"] for g in eval_groups]
+    answers = sample_answers(policy, prompt_ids, cfg.max_answer_tokens, tok.eos_id, temperature=1.0, seed=cfg.seed)
+    return [{"prompt": p, "answers": [a]} for p, a in zip(prompt_ids, answers)]
+
+
+# -----------------------------------------------------------------------------
+# The training run
+
+
+def main(cfg):
+    check_config(cfg)
+    device = pick_device(cfg.device, cfg.attn_impl)
+    torch.manual_seed(cfg.seed)
+    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
+
+    # ---- 1. the SFT model: the reward model's starting point, and the policy whose answers get ranked ----
+    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
+    tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
+    sft = policy_from_checkpoint(sft_ckpt, cfg.attn_impl).to(device).eval()
+    cfg = fit_lengths(cfg, sft.config.block_size)
+    policies, init_ckpt, extra_records = later_round_inputs(cfg, sft_ckpt, sft, device)
+
+    # ---- 2. comparisons: {prompt ids, answer ids best-first, scores} per prompt, tokenized once ----
+    train_groups, eval_groups, trunc = comparisons(cfg, tok, policies, extra_records)
+
+    # ---- 3. the reward model: the SFT transformer, its vocabulary head replaced by a scalar head ----
+    resume = load_checkpoint(ckpt_path, "reward") if cfg.resume else None
+    if resume:
+        model = model_from_checkpoint(resume, cfg.attn_impl)
+        print(f"resuming {ckpt_path} at step {resume['step']}")
     elif init_ckpt:
         model = model_from_checkpoint(init_ckpt, cfg.attn_impl)
         model.offset.zero_()  # chosen again at the end, for this round's policy
     else:
-        model = RewardModel(policy.config)
-        model.transformer.load_state_dict(policy.transformer.state_dict())
+        model = RewardModel(sft.config)
+        model.transformer.load_state_dict(sft.transformer.state_dict())
     model.to(device).train()
-
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
-    if cfg.resume:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
-
-    def checkpoint(step, metrics):
-        save_checkpoint(ckpt_path, model, "reward", step, asdict(cfg), tok.state(), optimizer,
-                        extra={"metrics": metrics, "sft": cfg.sft})
-
+    start_iter = resume["step"] if resume else 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if resume else None)
     if start_iter == 0:
         metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
         log.write({"step": 0, **metrics})
         print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    # ---- 4. train: the Bradley-Terry loss on every pair of every ranking ----
     progress = Progress("reward", cfg.max_iters, start_iter)
     t0, pairs_seen = time.time(), 0
     sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
     for it in range(start_iter, cfg.max_iters):
-        set_lr(optimizer, lr := warmup_cosine(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters))
+        lr = warmup_cosine(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        set_lr(optimizer, lr)
         groups = [train_groups[i] for i in batch_indices(it, len(train_groups), cfg.batch_size, cfg.seed)]
         loss, r_chosen, r_rejected = pair_loss(model, groups, tok.eos_id, cfg.margin_coef, device, cfg.length_buckets)
         loss.backward()
@@ -451,10 +408,11 @@ def main(cfg):
         sums["accuracy"] += pair_accuracy(r_chosen, r_rejected).mean().detach()
         sums["margin"] += (r_chosen - r_rejected).mean().detach()
 
+        # ---- 5. log every 10 steps; evaluate and checkpoint every eval_interval ----
         step = it + 1
         if step % 10 == 0 or step == cfg.max_iters:
             n = 10 if step % 10 == 0 else step % 10
-            means = {k: float(v) / n for k, v in sums.items()}  # a sync point: the means of the last steps
+            means = {k: float(v) / n for k, v in sums.items()}  # sync points: the means of the last steps
             sums = {k: 0.0 for k in sums}
             check_finite(means["loss"], f"the training loss at step {step}", "lower --lr and start again")
             record = {"step": step, **means, "lr": lr, "pairs_per_s": pairs_seen / (time.time() - t0)}
@@ -463,40 +421,79 @@ def main(cfg):
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
             log.write({"step": step, **metrics})
-            checkpoint(step, metrics)
+            save_checkpoint(ckpt_path, model, "reward", step, asdict(cfg), tok.state(), optimizer,
+                            extra={"metrics": metrics, "sft": cfg.sft})
             progress.close()
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; saved {ckpt_path}")
     progress.close()
 
-    # --- normalise: the (first) policy's own answers score 0 on average ---
-    if cfg.data == "default" and cfg.candidates == "policy":  # held-out prompts, answered by the policies
-        own = [{"prompt": g["prompt"], "answers": [a for a, s in zip(g["answers"], g["sources"]) if s == 0]}
-               for g in eval_groups]
-        own = [g for g in own if g["answers"]]
-    else:
-        prompts = task.make_prompts(cfg.n_eval, "eval", cfg.seed + 4) if cfg.data == "default" else None
-        prompt_ids = [encode_prompt(tok, p, trunc) for p in prompts] if prompts else [g["prompt"] for g in eval_groups]
-        answers = sample_answers(policy, prompt_ids, cfg.max_answer_tokens, tok.eos_id, temperature=1.0, seed=cfg.seed)
-        own = [{"prompt": p, "answers": [a]} for p, a in zip(prompt_ids, answers)]
+    # ---- 6. the offset: the (first) policy's own held-out answers score 0 on average ----
+    own = own_answers(cfg, policies[0], eval_groups, tok, trunc)
     model.offset.fill_(raw_rewards(model, own, tok.eos_id, cfg.batch_size, device, cfg.length_buckets).mean().item())
     metrics = evaluate(model, eval_groups, tok.eos_id, cfg, device)
     metrics["offset"] = model.offset.item()
-    if cfg.data == "default" and cfg.candidates == "policy" and len(policies) > 1:
-        # how this reward model sees each policy's answers, beside the gold judge: does it still reward a
-        # policy that hacked an earlier reward model?
-        rewards = raw_rewards(model, eval_groups, tok.eos_id, cfg.batch_size, device, cfg.length_buckets).cpu()
-        rewards -= model.offset
-        gold = torch.tensor([score for g in eval_groups for score in g["gold"]])
-        metrics["policy_reward"] = dict(zip(policy_paths(cfg), per_policy(rewards, eval_groups, len(policies))))
-        metrics["policy_gold"] = dict(zip(policy_paths(cfg), per_policy(gold, eval_groups, len(policies))))
-        for path in policy_paths(cfg):
-            print(f"{path}: held-out answers score {metrics['policy_reward'][path]:+.3f} by this reward model, gold "
-                  f"{metrics['policy_gold'][path]:.3f}")
+    if len(policies) > 1:
+        metrics.update(per_policy_report(cfg, model, eval_groups, tok, device))
     log.write({"step": cfg.max_iters, **metrics})
-    checkpoint(cfg.max_iters, metrics)
+    save_checkpoint(ckpt_path, model, "reward", cfg.max_iters, asdict(cfg), tok.state(), optimizer,
+                    extra={"metrics": metrics, "sft": cfg.sft})
     print(f"reward offset {model.offset.item():.4f}: {policy_paths(cfg)[0]}'s answers now average 0; saved "
           f"{ckpt_path}")
     return model, metrics
+
+
+# -----------------------------------------------------------------------------
+# A later RLHF round (InstructGPT; Llama 2 ran five): the best policy so far answers new prompts, the
+# labellers rank those answers, and the reward model trains again on every round's comparisons. --policy
+# names the policies that answer, --extra_data the earlier rounds' comparisons.jsonl, and --init the last
+# round's reward model, which this round continues on all of them, the old comparisons too, so that it
+# keeps what it learned (bench/RESULTS.md, "RLHF in rounds").
+
+
+def policy_paths(cfg):
+    return cfg.policy.split(",") if cfg.policy else [cfg.sft]
+
+
+def extra_paths(cfg):
+    return cfg.extra_data.split(",") if cfg.extra_data else []
+
+
+def later_round_inputs(cfg, sft_ckpt, sft, device):
+    """(the policies whose answers are ranked, the reward checkpoint to start from or None, {path: records}
+    of --extra_data): read before the minutes of sampling, so that a wrong path fails at once."""
+    policies = []
+    for path in policy_paths(cfg):
+        ckpt = sft_ckpt if path == cfg.sft else load_checkpoint(path, ("sft", "ppo"))
+        if ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+            raise DataError(f"{path} was trained with another tokenizer than {cfg.sft}; pass policies trained from it")
+        policies.append(sft if path == cfg.sft else policy_from_checkpoint(ckpt, cfg.attn_impl).to(device).eval())
+    init_ckpt = load_checkpoint(cfg.init, "reward") if cfg.init and not cfg.resume else None
+    if init_ckpt and init_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+        raise DataError(f"{cfg.init} was trained with another tokenizer than {cfg.sft}; pass a reward model trained "
+                        "from it")
+    extra_records = {path: load_preferences(path, "--extra_data") for path in extra_paths(cfg)}
+    return policies, init_ckpt, extra_records
+
+
+def per_policy(values, groups, n_policies):
+    """The mean of one value per answer of the groups (a reward, a gold score), for each policy."""
+    sources = torch.tensor([s for g in groups for s in g["sources"]])
+    return [values[sources == n].mean().item() for n in range(n_policies)]
+
+
+def per_policy_report(cfg, model, eval_groups, tok, device):
+    """How this reward model sees each policy's held-out answers, beside the gold judge: does it still
+    reward a policy that hacked an earlier reward model?"""
+    rewards = raw_rewards(model, eval_groups, tok.eos_id, cfg.batch_size, device, cfg.length_buckets).cpu()
+    rewards -= model.offset
+    gold = torch.tensor([score for g in eval_groups for score in g["gold"]])
+    paths, n = policy_paths(cfg), len(policy_paths(cfg))
+    report = {"policy_reward": dict(zip(paths, per_policy(rewards, eval_groups, n))),
+              "policy_gold": dict(zip(paths, per_policy(gold, eval_groups, n)))}
+    for path in paths:
+        print(f"{path}: held-out answers score {report['policy_reward'][path]:+.3f} by this reward model, gold "
+              f"{report['policy_gold'][path]:.3f}")
+    return report
 
 
 if __name__ == "__main__":

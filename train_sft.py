@@ -21,17 +21,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-import task
-from data import (
-    DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch, task_tokenizer,
-)
-from model import (
-    GPT, LoadError, config_from_preset, load_checkpoint, load_gpt2_weights, policy_from_checkpoint, sample_answers,
-    save_checkpoint,
-)
-from training import (
-    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_choice, check_finite, check_out_dir,
-    check_positive, check_seed, fit_lengths, flag, parse_args, pick_device, run, set_lr, warmup_cosine,
+from model import GPT, PRESETS, config_from_preset, sample_answers
+from support import task
+from support.checkpoint import load_checkpoint, policy_from_checkpoint, save_checkpoint
+from support.data import DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch
+from support.errors import LoadError
+from support.gpt2 import load_gpt2_weights
+from support.training import (
+    MetricsLog, Progress, adamw, autocast, batch_indices, check, check_finite, check_flags, check_out_dir, fit_lengths,
+    flag, parse_args, pick_device, run, set_lr, warmup_cosine,
 )
 
 IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions
@@ -47,47 +45,42 @@ class Config:
     eval_data: str = flag("", "held-out JSONL (default: the task's eval split, or the last 10%% of --data)")
     init: str = flag("scratch", "'scratch' (a new GPT of --preset), 'gpt2' (Hugging Face weights in --weights), "
                      "or an sft/ppo checkpoint path")
-    preset: str = flag("tiny", "model shape for --init scratch: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    preset: str = flag("tiny", "model shape for --init scratch", choices=tuple(PRESETS))
     weights: str = flag("", "local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)")
     vocab: str = flag("auto", "token vocabulary for --init scratch: 'task' (the built-in task's ~1000 tokens), "
-                      "'gpt2' (all 50257), or 'auto' (task for --data default, else gpt2)")
-    n_train: int = flag(20000, "number of demonstrations drawn from the built-in task")
-    n_eval: int = flag(500, "number of held-out demonstrations for the eval loss (built-in task)")
-    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)")
+                      "'gpt2' (all 50257), or 'auto' (task for --data default, else gpt2)",
+                      choices=("auto", "task", "gpt2"))
+    n_train: int = flag(20000, "number of demonstrations drawn from the built-in task", min=1)
+    n_eval: int = flag(500, "number of held-out demonstrations for the eval loss (built-in task)", min=1)
+    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)",
+                                  min=0)
     max_answer_tokens: int = flag(0, "answers longer than this are cut, and then do not end with EOS "
-                                  "(0: 1/4 of the block size)")
-    batch_size: int = flag(32, "sequences per micro-batch")
-    grad_accum: int = flag(1, "micro-batches per optimizer step")
-    # 2000, not 1200: the table of sums is learned late (right sums in 24% of samples at 1200 steps, 35% at
-    # 2000), and the reward model checks the facts its trunk knows (bench/RESULTS.md)
-    max_iters: int = flag(2000, "optimizer steps")
-    lr: float = flag(2e-3, "peak learning rate (use ~2e-5 for GPT-2 weights)")
-    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = flag(30, "linear warmup steps")
-    weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only")
-    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
-    eval_interval: int = flag(200, "evaluate, sample and checkpoint every this many steps")
-    eval_prompts: int = flag(256, "held-out prompts sampled for the gold score (built-in task)")
-    temperature: float = flag(1.0, "sampling temperature for the eval samples (1.0: the policy as PPO will see it)")
-    seed: int = flag(1337, "seed for the data, the model init and sampling")
+                                  "(0: 1/4 of the block size)", min=0)
+    batch_size: int = flag(32, "sequences per micro-batch", min=1)
+    grad_accum: int = flag(1, "micro-batches per optimizer step", min=1)
+    # long enough for the table of sums, which is learned late: the reward model can only check the facts its
+    # trunk knows (bench/RESULTS.md, "Longer SFT, the reward model and PPO")
+    max_iters: int = flag(2000, "optimizer steps", min=1)
+    lr: float = flag(2e-3, "peak learning rate (use ~2e-5 for GPT-2 weights)", above=0)
+    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay", min=0)
+    warmup_iters: int = flag(30, "linear warmup steps", min=0)
+    weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only", min=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", min=0)
+    eval_interval: int = flag(200, "evaluate, sample and checkpoint every this many steps", min=1)
+    eval_prompts: int = flag(256, "held-out prompts sampled for the gold score (built-in task)", min=0)
+    temperature: float = flag(1.0, "sampling temperature for the eval samples (1.0: the policy as PPO will see it)",
+                              above=0)
+    seed: int = flag(1337, "seed for the data, the model init and sampling", min=0, max=2**31 - 1)
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
+    attn_impl: str = flag("auto", "attention implementation", choices=("auto", "triton", "sdpa", "naive"))
     resume: bool = flag(False, "continue from out_dir/ckpt.pt at the step it saved")
 
 
 def check_config(cfg):
-    """Every flag checked before any work starts."""
-    check_positive(cfg, "n_train", "n_eval", "batch_size", "grad_accum", "max_iters", "lr", "eval_interval")
-    check(cfg.min_lr >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.warmup_iters >= 0,
-          "--min_lr, --weight_decay, --grad_clip and --warmup_iters must be >= 0")
-    check(cfg.max_prompt_tokens >= 0 and cfg.max_answer_tokens >= 0 and cfg.eval_prompts >= 0,
-          "--max_prompt_tokens, --max_answer_tokens and --eval_prompts must be >= 0")
-    check(cfg.temperature > 0, f"--temperature must be > 0 for sampled evals, got {cfg.temperature}")
-    check_choice(cfg, "vocab", ("auto", "task", "gpt2"))
+    """Every flag checked before any work starts: each within its limits, then the rules that tie two."""
+    check_flags(cfg)
     check(cfg.vocab != "task" or cfg.data == "default", "--vocab task only fits --data default (the built-in task)")
     check(cfg.init != "gpt2" or cfg.weights, "--init gpt2 needs --weights DIR, a local Hugging Face GPT-2 folder")
-    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
-    check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
 
 
@@ -145,25 +138,21 @@ def evaluate(model, tok, eval_examples, eval_prompts, cfg, device, seed):
 
 
 # -----------------------------------------------------------------------------
-# The training run
+# Model and data
 
 
-def main(cfg):
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
-
-    # --- model and tokenizer: from scratch, from GPT-2 weights, or from a checkpoint ---
-    start_iter, resume_ckpt = 0, None
+def build_model(cfg, ckpt_path):
+    """(model, tokenizer, the checkpoint to resume from or None): a tiny GPT from scratch, GPT-2's weights,
+    an sft/ppo checkpoint, or with --resume this run's own checkpoint."""
+    resume = None
     if cfg.resume:
-        resume_ckpt = load_checkpoint(ckpt_path, "sft")
-        model, start_iter = policy_from_checkpoint(resume_ckpt, cfg.attn_impl), resume_ckpt["step"]
-        tok = Tokenizer.from_state(resume_ckpt["tokenizer"])
-        print(f"resuming {ckpt_path} at step {start_iter}")
+        resume = load_checkpoint(ckpt_path, "sft")
+        model, tok = policy_from_checkpoint(resume, cfg.attn_impl), Tokenizer.from_state(resume["tokenizer"])
+        print(f"resuming {ckpt_path} at step {resume['step']}")
     elif cfg.init == "scratch":
+        # the task's texts use ~1000 of GPT-2's tokens: a compact vocabulary makes a tiny model several times faster
         use_task_vocab = cfg.vocab == "task" or (cfg.vocab == "auto" and cfg.data == "default")
-        tok = task_tokenizer() if use_task_vocab else Tokenizer()
+        tok = Tokenizer.for_texts(task.vocabulary_texts()) if use_task_vocab else Tokenizer()
         model = GPT(config_from_preset(cfg.preset, attn_impl=cfg.attn_impl, vocab_size=tok.vocab_size))
     elif cfg.init == "gpt2":
         model, tok = load_gpt2_weights(cfg.weights, cfg.attn_impl), Tokenizer()
@@ -173,9 +162,12 @@ def main(cfg):
     if model.config.vocab_size < tok.vocab_size:
         raise LoadError(f"{cfg.weights or cfg.init}: the model has {model.config.vocab_size} token embeddings, its "
                         f"tokenizer {tok.vocab_size} ids; it cannot read them (is this a GPT-2 model?)")
-    fit_lengths(cfg, model.config.block_size)
+    return model, tok, resume
 
-    # --- data: demonstrations -> (prompt ids, answer ids) ---
+
+def load_data(cfg, tok):
+    """(train examples, eval examples, eval prompts for the gold score, eval rows): demonstrations as
+    (prompt ids, answer ids), from the built-in task or from --data."""
     if cfg.data == "default":
         train_rows = task.demonstrations(cfg.n_train, "train", cfg.seed)
         eval_rows = task.demonstrations(cfg.n_eval, "eval", cfg.seed)
@@ -195,25 +187,42 @@ def main(cfg):
     print(f"data: {len(train)} train and {len(eval_examples)} eval demonstrations from {cfg.data}; {trunc.report()}")
     if len(train) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(train)} training examples, fewer than --batch_size {cfg.batch_size}")
+    return train, eval_examples, eval_prompts, eval_rows
 
+
+# -----------------------------------------------------------------------------
+# The training run
+
+
+def main(cfg):
+    check_config(cfg)
+    device = pick_device(cfg.device, cfg.attn_impl)
+    torch.manual_seed(cfg.seed)
+    ckpt_path = f"{cfg.out_dir}/ckpt.pt"
+
+    # ---- 1. the model and its tokenizer ----
+    model, tok, resume = build_model(cfg, ckpt_path)
+    cfg = fit_lengths(cfg, model.config.block_size)
+
+    # ---- 2. data: demonstrations -> (prompt ids, answer ids) ----
+    train, eval_examples, eval_prompts, eval_rows = load_data(cfg, tok)
     model.to(device).train()
     vocab = "the task's compact vocabulary" if tok.table else "GPT-2's vocabulary"
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, d={model.config.n_embd}, "
           f"{tok.vocab_size} tokens ({vocab}), device {device}")
 
+    # ---- 3. the optimizer, the log, and the model before training (the "before" of every curve) ----
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
-    if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
-
-    def checkpoint(step, metrics):
-        save_checkpoint(ckpt_path, model, "sft", step, asdict(cfg), tok.state(), optimizer, extra={"metrics": metrics})
-
-    if start_iter == 0:  # the untrained (or pretrained) model, for the "before" of every curve
+    start_iter = resume["step"] if resume else 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if resume else None)
+    if start_iter == 0:
         metrics, samples = evaluate(model, tok, eval_examples, eval_prompts, cfg, device, cfg.seed)
         log.write({"step": 0, **metrics})
         print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    # ---- 4. train: cross-entropy on the answer tokens ----
     progress = Progress("sft", cfg.max_iters, start_iter)
     t0, tokens_seen = time.time(), 0
     loss_sum = torch.zeros((), device=device)
@@ -236,10 +245,10 @@ def main(cfg):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+        # ---- 5. log every 10 steps; evaluate, sample and checkpoint every eval_interval ----
         step = it + 1
         if step % 10 == 0 or step == cfg.max_iters:
-            n = 10 if step % 10 == 0 else step % 10
-            loss_value = loss_sum.item() / n  # a sync point: once every 10 steps
+            loss_value = loss_sum.item() / (10 if step % 10 == 0 else step % 10)  # a sync point: once every 10 steps
             loss_sum.zero_()
             check_finite(loss_value, f"the training loss at step {step}", "lower --lr and start again")
             tok_s = tokens_seen / (time.time() - t0)
@@ -249,7 +258,8 @@ def main(cfg):
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             metrics, samples = evaluate(model, tok, eval_examples, eval_prompts, cfg, device, cfg.seed + step)
             log.write({"step": step, **metrics})
-            checkpoint(step, metrics)
+            save_checkpoint(ckpt_path, model, "sft", step, asdict(cfg), tok.state(), optimizer,
+                            extra={"metrics": metrics})
             progress.close()
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; saved {ckpt_path}")
             for s in samples[:3]:

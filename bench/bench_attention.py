@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `kernels` imports when run as a script
 from kernels.flash_attention import attention_reference, flash_attention  # noqa: E402
-from training import flag, parse_args  # noqa: E402
+from support.training import flag, parse_args  # noqa: E402
 
 PASSES = ("fwd", "fwd+bwd", "bwd")  # bwd is derived: (fwd+bwd) - fwd
 IMPLS = ("ours", "sdpa", "naive")

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `kernels`
-from training import flag, parse_args  # noqa: E402
+from support.training import flag, parse_args  # noqa: E402
 from kernels.logprob import (  # noqa: E402
     linear_logprobs,
     linear_logprobs_reference,

@@ -117,15 +117,11 @@ def record_launches():
         N, V = LOGPROB_SHAPE["N"], LOGPROB_SHAPE["V"]
         for dtype_name, dtype in dtypes.items():
             now.update(dtype=dtype_name, head_dim=None, causal=None)
-            logits, other = (torch.empty(N, V, dtype=dtype, **meta) for _ in range(2))
+            logits = torch.empty(N, V, dtype=dtype, **meta)
             targets = torch.empty(N, dtype=torch.int64, **meta)
             rows = torch.empty(N, **meta)  # any (N,) fp32 tensor
             lp._logprobs_forward(logits, targets, 0.7)
             lp._logprobs_backward(rows, rows, logits, targets, rows, rows, rows, 0.7)
-            lp._kl_forward(logits, other, 0.7)
-            # The reference model has no gradient in RLHF (p only); both, and q only, for completeness.
-            for need_p, need_q in ((True, False), (True, True), (False, True)):
-                lp._kl_backward(rows, logits, other, [rows] * 4, rows, 0.7, need_p, need_q)
     return launches
 
 
@@ -197,7 +193,6 @@ def compile_target(target):
         causal = launch["causal"] if "CAUSAL" in constexprs else None
         result = dict(kernel=kernel.__name__, target=target, dtype=launch["dtype"],
                       head_dim=launch["head_dim"], causal=causal, blocks=blocks,
-                      need_grad={k: v for k, v in constexprs.items() if k.startswith("NEED_GRAD")},
                       num_warps=options.get("num_warps"), num_stages=options.get("num_stages"),
                       error=None)
         log = io.StringIO()
@@ -265,7 +260,7 @@ def _figures(r):
 
 
 def _launch_key(r):
-    return (r["kernel"], r["dtype"], r["head_dim"], r["causal"], repr(r["need_grad"]))
+    return (r["kernel"], r["dtype"], r["head_dim"], r["causal"])
 
 
 def markdown_table(results):
@@ -287,8 +282,6 @@ def markdown_table(results):
     for per_target in by_launch.values():
         r = next(iter(per_target.values()))
         kernel = r["kernel"].strip("_").removesuffix("_kernel")
-        if r["need_grad"]:
-            kernel += " (grad " + "+".join(k[-1].lower() for k, v in r["need_grad"].items() if v) + ")"
         blocks = " ".join(f"{k[6:]}={v}" for k, v in r["blocks"].items())
         hs = r["head_dim"] if r["head_dim"] is not None else "-"
         causal = {True: "yes", False: "no", None: "-"}[r["causal"]]

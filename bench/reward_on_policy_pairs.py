@@ -13,9 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_reward  # noqa: E402
-from data import Tokenizer, Truncation  # noqa: E402
-from model import load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
-from training import parse_args, run  # noqa: E402
+from support.data import Tokenizer, Truncation  # noqa: E402
+from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
+from support.training import parse_args, run  # noqa: E402
 
 
 def main(argv=None):

@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import task  # noqa: E402
+from support import task  # noqa: E402
 import train_reward as tr  # noqa: E402
-from data import Tokenizer, Truncation  # noqa: E402
-from model import RewardModel, load_checkpoint, policy_from_checkpoint  # noqa: E402
-from training import adamw, batch_indices, parse_args, run, set_lr, warmup_cosine  # noqa: E402
+from support.data import Tokenizer, Truncation  # noqa: E402
+from model import RewardModel  # noqa: E402
+from support.checkpoint import load_checkpoint, policy_from_checkpoint  # noqa: E402
+from support.training import adamw, batch_indices, parse_args, run, set_lr, warmup_cosine  # noqa: E402
 
 
 def plackett_luce_loss(rewards, groups):

@@ -353,21 +353,15 @@ def _launch_config(pass_name, head_dim, dtype, interpreting=None):
     """
     if _interpreting() if interpreting is None else interpreting:
         return dict(BLOCK_M=16, BLOCK_N=16)
-    # Measured without a GPU by tests/test_kernels_compile.py (ptxas for sm_80 and sm_90; the table is in
-    # bench/RESULTS.md). A register spill goes to local memory, i.e. to L1/L2 and HBM: it costs far
-    # more than a smaller tile, so every setting below is the first one found with no spill on both
-    # targets. Changed on 2026-11-28 from the first guess (fp32: fwd 64x32, bwd 32x32 with 2 stages;
-    # fp16/bf16 bwd 64x64 at every head dim), which spilled:
-    # - fp32 forward 64x32 spilled at hs 64 and 128 (up to 772 bytes on sm_90): now 32x64 on 8 warps.
-    # - fp32 backward spilled 0.4-7 KiB in dK/dV. fp32 matmuls do not use tensor cores (ieee fp32, see
-    #   _dot); with num_stages=2 ptxas often kept ~32 registers and moved the tiles to local memory.
-    #   One stage (no prefetch of the next q / dO tile), 8 warps and 16x16 tiles fix it (32x32 still
-    #   spilled 4 bytes in dQ at hs=64 on sm_80).
-    # - fp16/bf16 dK/dV at hs=128 spilled 8-12 bytes on sm_80: a dK/dV program keeps four (BLOCK_N, hs)
-    #   tiles (k, v and the fp32 dk, dv) in registers, so BLOCK_N=32 halves its largest load; the
-    #   pipelining (num_stages=2) stays.
-    # The forward's fp16/bf16 setting did not spill and is unchanged. No spill is not the same as fast:
-    # bench/gpu_check.sh times these on a GPU.
+    # Each setting is the first found that spills no register on sm_80 and sm_90 (ptxas, through
+    # tests/test_kernels_compile.py; the table is in bench/RESULTS.md): a spill goes to local memory, i.e.
+    # to L1/L2 and HBM, and costs far more than a smaller tile.
+    # - fp32 matmuls do not use tensor cores (ieee fp32, see _dot), and fp32 tiles take twice the registers:
+    #   the fp32 forward runs 32x64 tiles on 8 warps; the fp32 backward one stage (no prefetch of the next
+    #   q / dO tile), 8 warps and 16x16 tiles.
+    # - a fp16/bf16 dK/dV program keeps four (BLOCK_N, hs) tiles in registers (k, v and the fp32 dk, dv),
+    #   so BLOCK_N=32 at hs=128 halves its largest load; the pipelining (num_stages=2) stays.
+    # No spill is not the same as fast: bench/gpu_check.sh times these on a GPU.
     fp32 = dtype == torch.float32
     if pass_name == "fwd":
         if fp32:

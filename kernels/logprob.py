@@ -1,12 +1,11 @@
-"""Fused per-token log-probs, entropy and KL over a large vocabulary, in Triton, forward and backward.
+"""Fused per-token log-probs and entropy over a large vocabulary, in Triton, forward and backward.
 
-Every RLHF stage needs, for each token of a rollout, log p(token) under the policy and again under the
-reference model, often the entropy of the policy, and sometimes the full KL(policy || reference). The
-textbook way builds log_softmax over the whole vocabulary first. At V = 50257 that is huge: for
-N = B * T = 16384 tokens, one fp32 (N, V) tensor is 16384 * 50257 * 4 bytes = 3.3 GB.
-logprobs_reference below keeps two of them for its backward (log_softmax and its exp), and its forward
-+ backward peaks at about five (the gradients of those, the gradient of the logits): ~16 GB for
-numbers we only need N of.
+PPO needs, for each token of a rollout, log p(token) under the policy and again under the reference
+model, and the entropy of the policy. The textbook way builds log_softmax over the whole vocabulary
+first. At V = 50257 that is huge: for N = B * T = 16384 tokens, one fp32 (N, V) tensor is
+16384 * 50257 * 4 bytes = 3.3 GB. logprobs_reference below keeps two of them for its backward
+(log_softmax and its exp), and its forward + backward peaks at about five (the gradients of those, the
+gradient of the logits): ~16 GB for numbers we only need N of.
 
 The kernels read each row of logits once, keep a running max and sums in registers (the online
 log-sum-exp), and write a few floats per row. The backward reads the row once more and rebuilds the
@@ -15,14 +14,11 @@ softmax from two saved floats per row. Nothing of size (N, V) is stored except t
 Read in this order:
   1. log-prob and entropy of the target:  logprobs_reference, _logprobs_fwd_kernel,
      _logprobs_bwd_kernel, their host wrappers, _LogProbs, logprobs_triton
-  2. full KL(p || q) per token:           kl_reference, _kl_fwd_kernel, _kl_bwd_kernel, host wrappers,
-     _KL, kl_triton
-  3. from hidden states and the LM head, never holding all (N, V) logits: linear_logprobs_reference,
+  2. from hidden states and the LM head, never holding all (N, V) logits: linear_logprobs_reference,
      _LinearLogProbs (chunks + part 1's kernels), _linear_logprobs_torch (chunks + checkpoint),
-     linear_logprobs
-  4. _use_kernel, the one place that chooses the kernels or the PyTorch path (impl="auto" | "triton" |
-     "torch"), for linear_logprobs (train_ppo.py's log-probs) and for token_logprobs and token_kl, the
-     entry points for callers that already hold the (N, V) logits (train_ppo.py's exact KL metric)
+     linear_logprobs (what train_ppo.py calls)
+  3. _use_kernel, the one place that chooses the kernels or the PyTorch path (impl="auto" | "triton" |
+     "torch"), for linear_logprobs and for token_logprobs, the entry point for logits a caller holds
 
 Shapes: logits (N, V) -- callers flatten (B, T, V) with logits.reshape(-1, V) -- targets int64 (N,),
 hidden (N, C), LM-head weight (V, C). Inputs fp32, fp16 or bf16; all math in fp32; outputs fp32;
@@ -33,13 +29,11 @@ drawn from.
 Masked vocabularies: a logit may be -inf (or so negative that logit / temperature overflows to -inf,
 e.g. torch.finfo(dtype).min at a temperature below 1). That token has p = 0, and kernels and references
 agree on the limits:
-  - entropy and KL terms of a token with p = 0 are 0 (0 log 0 = 0), and every gradient stays finite;
+  - the entropy term of a token with p = 0 is 0 (0 log 0 = 0), and every gradient stays finite;
   - a target whose logit is -inf has logp = -inf, with the finite gradient (onehot - p) / tau;
-  - a row whose every logit is -inf has no distribution: logp = -inf, entropy 0, KL 0, zero gradient;
-  - KL(p || q) is +inf when a token with a finite logit under p has a -inf logit under q. That row has
-    no finite gradient to follow: it gets zero gradient (the +inf value is what shows the problem).
+  - a row whose every logit is -inf has no distribution: logp = -inf, entropy 0, zero gradient.
 +inf and nan logits are not checked (that would need a GPU->CPU sync on every call): their rows come
-out nan. From hidden states (part 3) the logits are a matmul of finite numbers, so none of this arises
+out nan. From hidden states (part 2) the logits are a matmul of finite numbers, so none of this arises
 unless the weights themselves are not finite.
 
 References: the online softmax of Milakov & Gimelshein 2018 ("Online normalizer calculation for
@@ -332,209 +326,7 @@ def logprobs_triton(logits, targets, temperature=1.0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Full KL(p || q) per token, between policy logits a and reference logits b (both (N, V))
-#
-# With s = a / tau, t = b / tau, p = softmax(s), q = softmax(t), and for each distribution its max and
-# sum as in part 1 (m_p, d_p from s; m_q, d_q from t):
-#   log p_j = (s_j - m_p) - log d_p,   log q_j = (t_j - m_q) - log d_q
-#   KL = sum_j p_j (log p_j - log q_j) = w / d_p - log d_p + log d_q,
-#   with w = sum_j exp(s_j - m_p) ((s_j - m_p) - (t_j - m_q)).
-
-
-def kl_reference(logits_p, logits_q, temperature=1.0):
-    """KL(softmax(logits_p / tau) || softmax(logits_q / tau)) per row, (N,) fp32, -inf logits included
-    (see the module docstring: +inf where q forbids a token p allows, 0 for a p with no finite logit)."""
-    with torch.no_grad():  # (N,) rows where some token has s_j > -inf = t_j; bool (N, V) temporaries
-        q_forbids = ((logits_p.float() / temperature > float("-inf"))
-                     & (logits_q.float() / temperature == float("-inf"))).any(dim=-1)
-    logp, empty_p = _log_softmax_rows(logits_p, temperature)  # (N, V), (N,)
-    logq, _ = _log_softmax_rows(logits_q, temperature)  # (N, V); its empty rows are in q_forbids
-    p = logp.exp()  # (N, V)
-    # p_j (log p_j - log q_j) -> 0 as p_j -> 0: a token p forbids adds nothing (not 0 * -inf = nan). A
-    # token q forbids is left out too (an inf here would make the backward 0 * inf = nan) and sets the
-    # row to +inf below; masked_fill also gives those rows zero gradient, as in the kernel.
-    kl = (p * torch.where((p > 0) & (logq > float("-inf")), logp - logq, 0.0)).sum(dim=-1)  # (N,)
-    return kl.masked_fill(q_forbids, float("inf")).masked_fill(empty_p, 0.0)
-
-
-@triton.jit
-def _kl_fwd_kernel(
-    logits_p_ptr, logits_q_ptr,  # inputs: (N, V) contiguous, any float dtypes
-    kl_ptr, max_p_ptr, log_d_p_ptr, max_q_ptr, log_d_q_ptr,  # outputs: (N,) fp32 each
-    V, temperature,
-    BLOCK_V: tl.constexpr,
-):
-    # One program per row, one pass over both rows, online as in _logprobs_fwd_kernel, with the sums of
-    # p kept relative to shift_p (the max of s, or 0 while it is -inf) and those of q to shift_q. Moving
-    # the shifts from (shift_p, shift_q) to (sp_new, sq_new) turns every old term
-    # (s_j - shift_p) - (t_j - shift_q) into (s_j - sp_new) - (t_j - sq_new)
-    # = old term + (shift_p - sp_new) + (sq_new - shift_q), and every old weight exp(s_j - shift_p)
-    # into alpha_p exp(s_j - shift_p). So:
-    #   w <- alpha_p (w + ((shift_p - sp_new) + (sq_new - shift_q)) d_p)
-    #        + sum_block exp(s_j - sp_new) ((s_j - sp_new) - (t_j - sq_new))
-    # Everything is shift-free, so two rows offset by +1e4 and -1e4 give a KL as precise as unshifted ones.
-    # A token with t_j = -inf where s_j > -inf makes the KL +inf: it is counted in `q_forbids` and left
-    # out of w (inf in w could meet alpha_p = 0 later, and 0 * inf = nan).
-    row = tl.program_id(0).to(tl.int64)  # int64: row * V overflows int32 at N = 65536, V = 50257
-    p_row_ptr = logits_p_ptr + row * V
-    q_row_ptr = logits_q_ptr + row * V
-
-    m_p = float("-inf")  # running maxima of s and t
-    m_q = float("-inf")
-    shift_p = 0.0
-    shift_q = 0.0
-    d_p = 0.0
-    d_q = 0.0
-    w = 0.0
-    q_forbids = 0.0  # how many tokens p allows and q forbids
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-        mask = cols < V  # -inf in the padding: a masked token in both rows
-        s = tl.load(p_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        t = tl.load(q_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        mp_new = tl.maximum(m_p, tl.max(s, axis=0))
-        mq_new = tl.maximum(m_q, tl.max(t, axis=0))
-        sp_new = tl.where(mp_new == float("-inf"), 0.0, mp_new)
-        sq_new = tl.where(mq_new == float("-inf"), 0.0, mq_new)
-        alpha_p = tl.exp(m_p - sp_new)  # 0 while m_p = -inf
-        alpha_q = tl.exp(m_q - sq_new)
-        e_p = tl.exp(s - sp_new)  # (BLOCK_V,) 0 for a -inf logit
-        both = (e_p > 0.0) & (t > float("-inf"))  # (BLOCK_V,) the terms of w; 0 * -inf = nan elsewhere
-        diff = tl.where(both, s - sp_new, 0.0) - tl.where(both, t - sq_new, 0.0)  # (BLOCK_V,)
-        q_forbids += tl.sum(tl.where((s > float("-inf")) & (t == float("-inf")), 1.0, 0.0), axis=0)
-        w = alpha_p * (w + ((shift_p - sp_new) + (sq_new - shift_q)) * d_p) + tl.sum(e_p * diff, axis=0)
-        d_p = alpha_p * d_p + tl.sum(e_p, axis=0)
-        d_q = alpha_q * d_q + tl.sum(tl.exp(t - sq_new), axis=0)
-        m_p = mp_new
-        m_q = mq_new
-        shift_p = sp_new
-        shift_q = sq_new
-
-    # log d = -inf marks a row with no finite logit, for the backward
-    log_d_p = tl.log(d_p)
-    log_d_q = tl.log(d_q)
-    has_p = d_p > 0.0
-    kl = tl.where(has_p, w / tl.where(has_p, d_p, 1.0) - log_d_p + log_d_q, 0.0)  # 0 when p has no mass
-    tl.store(kl_ptr + row, tl.where(q_forbids > 0.0, float("inf"), kl))
-    tl.store(max_p_ptr + row, shift_p)
-    tl.store(log_d_p_ptr + row, log_d_p)
-    tl.store(max_q_ptr + row, shift_q)
-    tl.store(log_d_q_ptr + row, log_d_q)
-
-
-@triton.jit
-def _kl_bwd_kernel(
-    logits_p_ptr, logits_q_ptr, max_p_ptr, log_d_p_ptr, max_q_ptr, log_d_q_ptr, kl_ptr,
-    grad_kl_ptr,  # (N,) fp32 upstream gradient g
-    grad_p_ptr, grad_q_ptr,  # (N, V) outputs in the dtypes of logits_p, logits_q; None when not needed
-    V, temperature,
-    NEED_GRAD_P: tl.constexpr, NEED_GRAD_Q: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    # The gradient. With d p_j / d s_k = p_j (onehot_j(k) - p_k) and d log p_j / d s_k = onehot_j(k) - p_k:
-    #   dKL/ds_k = sum_j p_j (onehot_j(k) - p_k)(log p_j - log q_j) + sum_j p_j (onehot_j(k) - p_k)
-    #            = p_k (log p_k - log q_k) - p_k KL + (p_k - p_k)
-    #            = p_k (log p_k - log q_k - KL)
-    #   dKL/dt_k = -sum_j p_j d log q_j / d t_k = -sum_j p_j (onehot_j(k) - q_k) = q_k - p_k
-    # and both divide by tau through s = a / tau, t = b / tau. In RLHF the reference model has no
-    # gradient: NEED_GRAD_Q is then False and the (N, V) buffer for it is never allocated.
-    row = tl.program_id(0).to(tl.int64)
-    p_row_ptr = logits_p_ptr + row * V
-    q_row_ptr = logits_q_ptr + row * V
-    m_p = tl.load(max_p_ptr + row)
-    log_d_p = tl.load(log_d_p_ptr + row)
-    m_q = tl.load(max_q_ptr + row)
-    log_d_q = tl.load(log_d_q_ptr + row)
-    kl = tl.load(kl_ptr + row)
-    g = tl.load(grad_kl_ptr + row)
-    # Zero gradient for a row whose KL is +inf or whose p has no finite logit (the module docstring).
-    # Such a row may compute nan below (inf - inf, -inf - -inf); the tl.where(live, ...) discards it
-    # (g = 0 alone would not: 0 * nan = nan).
-    live = (kl < float("inf")) & (log_d_p > float("-inf"))
-
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-        mask = cols < V
-        # -inf in the padding, as in the forward (computed, never stored)
-        s = tl.load(p_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        t = tl.load(q_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        log_p = (s - m_p) - log_d_p  # (BLOCK_V,) -inf for a -inf logit
-        log_q = (t - m_q) - log_d_q  # (BLOCK_V,)
-        p = tl.exp(log_p)
-        if NEED_GRAD_P:
-            # p_k (log p_k - log q_k - KL) -> 0 as p_k -> 0: 0, not 0 * -inf = nan, for a -inf logit
-            term = tl.where(p > 0.0, p * (log_p - log_q - kl), 0.0)  # (BLOCK_V,)
-            grad_p = tl.where(live, g * term / temperature, 0.0)
-            tl.store(grad_p_ptr + row * V + cols, grad_p.to(grad_p_ptr.dtype.element_ty), mask=mask)
-        if NEED_GRAD_Q:
-            grad_q = tl.where(live, g * (tl.exp(log_q) - p) / temperature, 0.0)
-            tl.store(grad_q_ptr + row * V + cols, grad_q.to(grad_q_ptr.dtype.element_ty), mask=mask)
-
-
-def _check_kl_inputs(logits_p, logits_q, temperature, name):
-    """Raise ValueError for every input that token_kl does not accept, whichever impl runs."""
-    _check_logits(logits_p, name, "logits_p")
-    _check_logits(logits_q, name, "logits_q")
-    if logits_p.shape != logits_q.shape:
-        raise ValueError(f"{name}: logits_p {tuple(logits_p.shape)} and logits_q {tuple(logits_q.shape)} "
-                         "must have the same shape (N, V)")
-    if logits_p.device != logits_q.device:
-        raise ValueError(f"{name}: logits_p is on {logits_p.device}, logits_q on {logits_q.device}")
-    _check_temperature(temperature, name)
-
-
-def _kl_forward(logits_p, logits_q, temperature):
-    """Launch the forward kernel. Returns kl and [max_p, log_d_p, max_q, log_d_q], all (N,) fp32."""
-    N, V = logits_p.shape
-    kl = torch.empty(N, device=logits_p.device, dtype=torch.float32)  # (N,)
-    stats = [torch.empty_like(kl) for _ in range(4)]  # max_p, log_d_p, max_q, log_d_q, each (N,)
-    _kl_fwd_kernel[(N,)](
-        logits_p.contiguous(), logits_q.contiguous(), kl, *stats, V, float(temperature),
-        **_launch_config(V),
-    )
-    return kl, stats
-
-
-def _kl_backward(grad_kl, logits_p, logits_q, stats, kl, temperature, need_grad_p, need_grad_q):
-    """Launch the backward kernel. Returns (grad wrt logits_p or None, grad wrt logits_q or None)."""
-    N, V = logits_p.shape
-    logits_p = logits_p.contiguous()
-    logits_q = logits_q.contiguous()
-    grad_p = torch.empty_like(logits_p) if need_grad_p else None  # (N, V)
-    grad_q = torch.empty_like(logits_q) if need_grad_q else None  # (N, V)
-    _kl_bwd_kernel[(N,)](
-        logits_p, logits_q, *stats, kl, grad_kl.float().contiguous(), grad_p, grad_q,
-        V, float(temperature), NEED_GRAD_P=need_grad_p, NEED_GRAD_Q=need_grad_q, **_launch_config(V),
-    )
-    return grad_p, grad_q
-
-
-class _KL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_p, logits_q, temperature):
-        kl, stats = _kl_forward(logits_p, logits_q, temperature)
-        ctx.save_for_backward(logits_p, logits_q, kl, *stats)  # five floats per row, no (N, V) softmax
-        ctx.temperature = temperature
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        logits_p, logits_q, kl, *stats = ctx.saved_tensors
-        need_grad_p, need_grad_q = ctx.needs_input_grad[:2]
-        grad_p, grad_q = _kl_backward(grad_kl, logits_p, logits_q, stats, kl, ctx.temperature,
-                                      need_grad_p, need_grad_q)
-        return grad_p, grad_q, None  # no gradient for temperature
-
-
-def kl_triton(logits_p, logits_q, temperature=1.0):
-    """KL(p || q) per row (N,) fp32, the same as kl_reference, in one pass over both logits;
-    differentiable wrt both. Needs CUDA tensors, or TRITON_INTERPRET=1."""
-    _check_kl_inputs(logits_p, logits_q, temperature, "kl_triton")
-    _check_kernel_device(logits_p, "kl_triton")
-    return _KL.apply(logits_p, logits_q, float(temperature))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. From hidden states: logp and entropy of (hidden @ weight.T), chunk by chunk
+# 2. From hidden states: logp and entropy of (hidden @ weight.T), chunk by chunk
 #
 # Even the kernels of part 1 need the (N, V) logits as input, and the LM head writes all of them. Here
 # the host walks over chunks of Nc = chunk_size rows: it computes one (Nc, V) block of logits with a
@@ -664,10 +456,10 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, i
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The one place that chooses the kernels or the PyTorch path, and the entry points on (N, V) logits
+# 3. The one place that chooses the kernels or the PyTorch path, and the entry point on (N, V) logits
 #
-# _use_kernel decides for linear_logprobs (part 3, train_ppo.py's log-probs) and for token_logprobs and
-# token_kl below, which take logits a caller already holds (train_ppo.py's exact per-token KL metric).
+# _use_kernel decides for linear_logprobs (part 2, train_ppo.py's log-probs) and for token_logprobs below,
+# which takes logits a caller already holds.
 
 IMPLS = ("auto", "triton", "torch")
 _warned_reference = False  # the fallback warning is printed once per process
@@ -677,7 +469,7 @@ def _use_kernel(tensor, impl, name):
     """True for the Triton path, False for the PyTorch one.
 
     "auto" takes Triton when the tensor is on CUDA; on any other device it takes the PyTorch path
-    (logprobs_reference, kl_reference, or linear_logprobs' chunked one) and says so once per process.
+    (logprobs_reference, or linear_logprobs' chunked one) and says so once per process.
     The interpreter is a correctness tool, far too slow to be chosen by "auto": the tests ask for it
     with impl="triton".
     """
@@ -706,13 +498,3 @@ def token_logprobs(logits, targets, temperature=1.0, impl="auto"):
     if _use_kernel(logits, impl, "token_logprobs"):
         return logprobs_triton(logits, targets, temperature)
     return logprobs_reference(logits, targets, temperature)
-
-
-def token_kl(logits_p, logits_q, temperature=1.0, impl="auto"):
-    """KL(softmax(logits_p / tau) || softmax(logits_q / tau)) per row, (N,) fp32.
-
-    logits_p (policy) and logits_q (reference), both (N, V); impl as in token_logprobs."""
-    _check_kl_inputs(logits_p, logits_q, temperature, "token_kl")
-    if _use_kernel(logits_p, impl, "token_kl"):
-        return kl_triton(logits_p, logits_q, temperature)
-    return kl_reference(logits_p, logits_q, temperature)

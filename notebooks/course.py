@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import train_ppo  # noqa: E402
 import train_reward  # noqa: E402
 import train_sft  # noqa: E402
-from model import load_checkpoint  # noqa: E402
+from support.checkpoint import load_checkpoint  # noqa: E402
 
 SCRIPTS = {"sft": train_sft, "reward": train_reward, "ppo": train_ppo}
 PATH_ARGS = ("out_dir", "sft", "reward")  # where the run was written: says nothing about how it was trained

@@ -30,8 +30,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import Tokenizer  # noqa: E402
-from model import attention_mask_allowed, load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
+from support.data import Tokenizer  # noqa: E402
+from model import attention_mask_allowed  # noqa: E402
+from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
 
 
 def read_log(path):
@@ -83,7 +84,7 @@ def reward_distributions(run, n=256):
     """Rewards of the labellers' preferred and rejected answers to held-out prompts of the built-in task
     (the SFT policy's own answers, ranked as train_reward.py ranks them), from the checkpoint."""
     import train_reward
-    from data import Truncation
+    from support.data import Truncation
 
     ckpt = load_checkpoint(Path(run) / "reward" / "ckpt.pt", "reward")
     cfg = train_reward.Config(**{**ckpt["train_args"], "n_eval": n})
@@ -224,8 +225,9 @@ def attention_pattern(model, tok, prompt, answer, layer=0, head=0):
     for block in trunk.h[:layer]:
         x = block(x)
     attn = trunk.h[layer].attn
-    q, k, _ = attn.c_attn(trunk.h[layer].ln_1(x)).split(attn.n_embd, dim=2)
-    hs = attn.n_embd // attn.n_head
+    C = x.size(-1)
+    q, k, _ = attn.c_attn(trunk.h[layer].ln_1(x)).split(C, dim=2)
+    hs = C // attn.n_head
     q, k = q[0, :, head * hs : (head + 1) * hs], k[0, :, head * hs : (head + 1) * hs]  # (T, hs)
     scores = (q @ k.T) * attn.scale
     scores = scores.masked_fill(~attention_mask_allowed(len(ids), len(ids), None, scores.device)[0, 0], float("-inf"))

@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import REPO, SHARED_DATA
 
-from model import GPT, GPTConfig, LoadError, check_sampling, load_gpt2_weights, sample_next_token
+from model import GPT, GPTConfig, check_sampling, sample_next_token
+from support.errors import LoadError
+from support.gpt2 import load_gpt2_weights
 
 
 def run_script(script, *args, cwd=REPO):
@@ -99,7 +101,7 @@ def test_missing_and_empty_data_files(tmp_path, ckpts, script):
 
 def test_rows_that_cannot_teach_are_skipped_with_their_lines(tmp_path, capsys):
     """Empty answers and HH dialogues that part before their last turn: skipped and counted, not used."""
-    from data import load_demonstrations, load_preferences
+    from support.data import load_demonstrations, load_preferences
 
     diverging = json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
                             "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: x\n\nAssistant: y"})
@@ -167,25 +169,25 @@ def test_wrong_missing_and_broken_checkpoints(tmp_path, ckpts):
     ("train_ppo.py", ["--temperature", "0"], "--temperature must be > 0"),
     ("train_ppo.py", ["--temperature", "-1"], "--temperature must be > 0"),
     ("train_ppo.py", ["--logprob_impl", "bogus"], "--logprob_impl 'bogus'"),
-    ("train_ppo.py", ["--minibatch_size", "0"], "--minibatch_size must be positive"),
+    ("train_ppo.py", ["--minibatch_size", "0"], "--minibatch_size must be >= 1, got 0"),
     ("train_ppo.py", ["--minibatch_size", "65"], "--minibatch_size 65 is larger than a rollout"),
-    ("train_ppo.py", ["--clip_eps", "1.5"], "--clip_eps must be in (0, 1)"),
+    ("train_ppo.py", ["--clip_eps", "1.5"], "--clip_eps must be > 0 and < 1, got 1.5"),
     ("train_ppo.py", ["--max_new_tokens", "200"], "exceeds the model's block_size 128"),
-    ("train_sft.py", ["--eval_interval", "0"], "--eval_interval must be positive"),
-    ("train_sft.py", ["--batch_size", "-3"], "--batch_size must be positive"),
+    ("train_sft.py", ["--eval_interval", "0"], "--eval_interval must be >= 1, got 0"),
+    ("train_sft.py", ["--batch_size", "-3"], "--batch_size must be >= 1, got -3"),
     ("train_sft.py", ["--vocab", "bogus"], "--vocab 'bogus'"),
     ("train_sft.py", ["--vocab", "task", "--data", "x.jsonl"], "--vocab task only fits --data default"),
     ("train_sft.py", ["--attn_impl", "flash"], "--attn_impl 'flash'"),
     ("train_sft.py", ["--device", "cuda"], "no CUDA device"),
     ("train_sft.py", ["--device", "tpu"], "--device 'tpu'"),
-    ("train_sft.py", ["--preset", "gpt5"], "unknown model preset 'gpt5'"),
+    ("train_sft.py", ["--preset", "gpt5"], "--preset 'gpt5': use one of tiny, gpt2, gpt2-medium"),
     ("train_sft.py", ["--max_prompt_tokens", "100", "--max_answer_tokens", "100"],
      "exceeds the model's block_size 128"),
     ("train_sft.py", ["--init", "gpt2"], "--init gpt2 needs --weights"),
     ("train_sft.py", ["--lr", "abc"], "argument --lr: 'abc' is not a number"),
-    ("train_reward.py", ["--k", "1"], "--k must be at least 2"),
+    ("train_reward.py", ["--k", "1"], "--k must be >= 2, got 1"),
     ("train_reward.py", ["--candidates", "humans"], "--candidates 'humans'"),
-    ("train_reward.py", ["--label_noise", "-1"], "--label_noise and --margin_coef must be >= 0"),
+    ("train_reward.py", ["--label_noise", "-1"], "--label_noise must be >= 0, got -1.0"),
 ])
 def test_bad_settings(tmp_path, ckpts, script, args, expected):
     stage_args = {"train_sft.py": [], "train_reward.py": ["--sft", ckpts / "sft" / "ckpt.pt"],
@@ -314,12 +316,26 @@ def test_tiny_temperature_is_greedy_and_finite():
     assert sample_next_token(masked, 0.5, top_p=0.9).tolist() == [1]
 
 
+def test_each_flag_shows_its_limits_in_help_and_triton_needs_a_gpu(tmp_path):
+    """A flag's limits stand beside it (flag(..., min=1)): --help says them, and a value outside is refused by
+    name before any work; --attn_impl triton on a CPU without the interpreter is one line too."""
+    help_text = subprocess.run([sys.executable, str(REPO / "train_ppo.py"), "--help"], capture_output=True, text=True,
+                               env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "[>= 1]" in help_text and "[> 0 and < 1]" in help_text and "[one of auto, triton, torch]" in help_text
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, str(REPO / "train_sft.py"), "--attn_impl", "triton", "--out_dir", tmp_path],
+                       env=env, capture_output=True, text=True, timeout=300)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert_one_error(r.returncode, r.stdout + r.stderr, "--attn_impl triton needs a CUDA device")
+
+
 def test_non_finite_flags_and_a_diverging_run(tmp_path):
     for flag in ("nan", "inf"):
         code, out = run_script("train_sft.py", "--lr", flag, "--out_dir", tmp_path / "o")
         assert_one_error(code, out, f"argument --lr: '{flag}' is not a finite number")
     code, out = run_script("train_sft.py", "--seed", "-1", "--out_dir", tmp_path / "o")
-    assert_one_error(code, out, "--seed must be in [0, 2**31)")
+    assert_one_error(code, out, "--seed must be >= 0 and <= 2147483647, got -1")
     # a learning rate that makes the loss blow up stops at the next log line, not 1000 steps later
     code, out = run_script("train_sft.py", "--lr", "1e30", "--grad_clip", "0", "--n_train", "64", "--n_eval", "8",
                            "--eval_prompts", "0", "--batch_size", "8", "--max_iters", "20", "--eval_interval", "20",

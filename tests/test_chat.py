@@ -1,4 +1,4 @@
-"""chat.py: the streamed answer is GPT.generate's, the conversation is fitted into the block, and the
+"""tools/chat.py: the streamed answer is GPT.generate's, the conversation is fitted into the block, and the
 terminal chat behaves as a user meets it: driven through stdin of a subprocess, read from its output."""
 
 import subprocess
@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from chat import conversation_ids, fit_turns, stream_answer
-from data import task_tokenizer
-from model import GPT, GPTConfig, PolicyWithValue, RewardModel, save_checkpoint
+from model import GPT, GPTConfig, PolicyWithValue, RewardModel
+from support import task
+from support.checkpoint import save_checkpoint
+from support.data import Tokenizer
+from tools.chat import conversation_ids, fit_turns, stream_answer
 
 BANANA = "What color is a banana?"
 
@@ -21,7 +23,7 @@ def run_dir(tmp_path_factory):
     untrained one-layer models with the task's tokenizer: made in a blink, and their answers are noise,
     which is all these tests need. Block size 64, so that a few turns overflow it."""
     out = tmp_path_factory.mktemp("run")
-    tok = task_tokenizer()
+    tok = Tokenizer.for_texts(task.vocabulary_texts())
     config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(0)
     reward_model = RewardModel(config)
@@ -32,9 +34,9 @@ def run_dir(tmp_path_factory):
 
 
 def chat(*flags, stdin=""):
-    """Run chat.py with flags and stdin (not a terminal); (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "chat.py", *map(str, flags)], input=stdin, capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    """Run tools/chat.py with flags and stdin (not a terminal); (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "tools/chat.py", *map(str, flags)], input=stdin, capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -58,7 +60,7 @@ def test_stream_answer_is_generate():
 
 
 def test_fit_turns_drops_the_oldest_turns():
-    tok = task_tokenizer()
+    tok = Tokenizer.for_texts(task.vocabulary_texts())
     answer = tok.encode(" A banana is yellow.")
     turns = [(BANANA, answer), ("What is 3 plus 4?", answer), ("What sound does a cow make?", answer)]
     full = conversation_ids(tok, turns, BANANA)

@@ -1,4 +1,4 @@
-"""coursework.py: the exercise markers are well formed and change nothing; the student version differs from
+"""tools/coursework.py: the exercise markers are well formed and change nothing; the student version differs from
 this repository only inside them, fails exactly the tests of the exercises and passes every other unit test
 of the files they touch; grade passes the complete repository; the commands as a user meets them."""
 
@@ -10,16 +10,14 @@ import sys
 import pytest
 from conftest import REPO
 
-import coursework
-from coursework import (
-    END_TO_END, EXERCISES, exercise_regions, find_regions, names, run_pytest, student_text,
-)
-from training import UsageError
+from tools import coursework
+from tools.coursework import END_TO_END, EXERCISES, exercise_regions, find_regions, names, run_pytest, student_text
+from support.errors import UsageError
 
 
 def coursework_cli(*args):
-    """Run coursework.py as a user does; (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "coursework.py", *map(str, args)], cwd=REPO, capture_output=True,
+    """Run tools/coursework.py as a user does; (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "tools/coursework.py", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
 

@@ -1,4 +1,4 @@
-"""data.py: the tokenizer offline, every JSONL reader on the shared real-format samples, clear errors
+"""support/data.py: the tokenizer offline, every JSONL reader on the shared real-format samples, clear errors
 on malformed lines, explicit truncation, and padding."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from data import (
+from support.data import (
     GPT2_EOS, DataError, Tokenizer, Truncation, encode_example, gpt2_bpe, load_demonstrations, load_preferences,
     load_prompts, pad_batch,
 )
@@ -23,7 +23,7 @@ def test_tokenizer_is_gpt2_offline():
 
 def test_missing_tokenizer_files_give_one_line():
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": "/nonexistent/cache"}
-    r = subprocess.run([sys.executable, "-c", "import data; data.gpt2_bpe()"], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-c", "from support import data; data.gpt2_bpe()"], cwd=REPO, env=env,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "TIKTOKEN_CACHE_DIR=/nonexistent/cache" in r.stderr
 

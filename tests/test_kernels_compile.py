@@ -2,7 +2,7 @@
 
 The interpreter tests check what the kernels compute; they cannot see what a GPU compile makes of
 them. bench/compile_report.py compiles each launch the host wrappers make (every dtype, head dim and
-causal flag of attention, forward and backward; the log-prob and KL kernels at V = 50257) with the
+causal flag of attention, forward and backward; the log-prob kernels at V = 50257) with the
 compiler and ptxas that ship inside triton, and reads ptxas' report. Here we check that:
   - every launch compiles, with exactly the settings _launch_config chooses for a GPU;
   - fp16/bf16 matmuls run on tensor cores (mma.sync on sm_80; wgmma in the H100 forward), and fp32
@@ -41,8 +41,7 @@ def _compiled(results):
 
 
 def _name(r):
-    return f"{r['kernel']} {r['target']} {r['dtype']} hs={r['head_dim']} causal={r['causal']} " \
-           f"{r['need_grad'] or ''}"
+    return f"{r['kernel']} {r['target']} {r['dtype']} hs={r['head_dim']} causal={r['causal']}"
 
 
 def test_every_launch_compiles(results):
@@ -63,8 +62,7 @@ def test_the_compiled_launches_are_what_the_launchers_choose(results):
                         expected.add((kernel, target, dtype_name, hs, causal, cfg["BLOCK_M"], cfg["BLOCK_N"],
                                       cfg["num_warps"], cfg["num_stages"]))
             cfg = lp._launch_config(compile_report.LOGPROB_SHAPE["V"], interpreting=False)
-            for kernel in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_kl_fwd_kernel",
-                           "_kl_bwd_kernel"):
+            for kernel in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"):
                 expected.add((kernel, target, dtype_name, None, None, cfg["BLOCK_V"], None, cfg["num_warps"],
                               None))
     got = set()
@@ -77,9 +75,6 @@ def test_the_compiled_launches_are_what_the_launchers_choose(results):
                  blocks.get("BLOCK_M", blocks.get("BLOCK_V")), blocks.get("BLOCK_N"), r["num_warps"], stages))
     assert got == expected, \
         f"missing: {sorted(expected - got, key=str)}\nunexpected: {sorted(got - expected, key=str)}"
-    # The KL backward is compiled for each gradient the autograd Function can ask for.
-    kl_grads = {tuple(r["need_grad"].values()) for r in results if r["kernel"] == "_kl_bwd_kernel"}
-    assert kl_grads == {(True, False), (True, True), (False, True)}
 
 
 def test_half_precision_matmuls_use_tensor_cores(results):

@@ -1,4 +1,4 @@
-"""label.py, the hand-labelling tool, as a labeller meets it: driven through stdin of a subprocess, its
+"""tools/label.py, the hand-labelling tool, as a labeller meets it: driven through stdin of a subprocess, its
 output read back, and the JSONL it writes read by the reward model's own loader (and trainer)."""
 
 import json
@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import REPO
 
-import task
-from data import DataError, load_demonstrations, load_preferences, task_tokenizer
-from label import candidate_items, gold_agreement, gold_scores, parse_key
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig
+from support import task
+from support.checkpoint import save_checkpoint
+from support.data import DataError, Tokenizer, load_demonstrations, load_preferences
+from tools.label import candidate_items, gold_agreement, gold_scores, parse_key
 
 BANANA = task.format_prompt("What color is a banana?")
 SUM = task.format_prompt("What is 3 plus 4?")
@@ -25,8 +26,8 @@ BANANA_ANSWERS = {" A banana is yellow.": 3.0, " a banana is yellow": 2.0, " A b
 SUM_ANSWERS = {" 3 plus 4 is 7.": 3.0, " 3 plus 4 is 8.": 1.0}
 
 
-def label(*flags, stdin="", script="label.py"):
-    """Run label.py (or another script) with flags and stdin (a pipe); (exit code, stdout, stderr)."""
+def label(*flags, stdin="", script="tools/label.py"):
+    """Run tools/label.py (or another script) with flags and stdin (a pipe); (exit code, stdout, stderr)."""
     proc = subprocess.run([sys.executable, script, *map(str, flags)], input=stdin, capture_output=True,
                           text=True, cwd=REPO, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return proc.returncode, proc.stdout, proc.stderr
@@ -59,7 +60,7 @@ def candidates(tmp_path_factory):
 def sft_ckpt(tmp_path_factory):
     """An untrained one-layer model with the task's compact vocabulary: made in a blink, its answers are
     noise (with words outside the task, which the reward model must spell), which is all we need."""
-    tok = task_tokenizer()
+    tok = Tokenizer.for_texts(task.vocabulary_texts())
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("sft") / "ckpt.pt"
     save_checkpoint(path, GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)),
@@ -207,7 +208,7 @@ def test_ctrl_c_stops_the_session_cleanly(candidates, tmp_path):
     """Ctrl-C while the tool waits for a key (or is about to): exit 0, the judgements made are kept, none
     for the prompt on screen, and the message says how to continue."""
     out = tmp_path / "labels.jsonl"
-    proc = subprocess.Popen([sys.executable, "label.py", "--candidates", candidates, "--out", out], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "tools/label.py", "--candidates", candidates, "--out", out], cwd=REPO,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     proc.stdin.write("t\n")
@@ -256,9 +257,10 @@ def test_stdin_that_is_no_terminal_file_or_pipe_is_refused(candidates, tmp_path)
     """/dev/null (what a job started without input gets) would end the session before its first key:
     refused with one line, before anything is loaded or written."""
     out = tmp_path / "labels.jsonl"
-    proc = subprocess.run([sys.executable, "label.py", "--candidates", candidates, "--out", out], cwd=REPO,
+    proc = subprocess.run([sys.executable, "tools/label.py", "--candidates", candidates, "--out", out], cwd=REPO,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == ["error: stdin is neither a terminal, a file nor a pipe; run label.py in a "
-                                        "terminal or pipe the keys in (e.g. printf '21\\n12\\n' | python label.py ...)"]
+    assert proc.stderr.splitlines() == ["error: stdin is neither a terminal, a file nor a pipe; run tools/label.py in "
+                                        "a terminal or pipe the keys in (e.g. printf '21\\n12\\n' | python "
+                                        "tools/label.py ...)"]
     assert not out.exists()

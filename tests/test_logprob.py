@@ -21,14 +21,7 @@ import torch
 
 from kernels import logprob
 from kernels.logprob import (
-    kl_reference,
-    kl_triton,
-    linear_logprobs,
-    linear_logprobs_reference,
-    logprobs_reference,
-    logprobs_triton,
-    token_kl,
-    token_logprobs,
+    linear_logprobs, linear_logprobs_reference, logprobs_reference, logprobs_triton, token_logprobs,
 )
 
 # Under TRITON_INTERPRET=1 (tests/conftest.py sets it unless told otherwise) the kernels run as numpy on
@@ -266,91 +259,14 @@ def test_masked_target_gradient_is_finite(impl):
     torch.testing.assert_close(logits.grad.cpu(), expected)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. KL(p || q)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("V", [1000, 257])
-def test_kl_matches_reference(V, temperature, dtype):
-    params = ("kl", V, temperature, dtype)
-    gen = _generator(*params)
-    N = 8
-    logits_p = _logits(N, V, dtype, gen)
-    logits_q = (logits_p.detach().float() + torch.randn(N, V, generator=gen)).to(dtype).requires_grad_()
-    (kl,), _ = _compare(kl_triton, kl_reference, (logits_p, logits_q, temperature), params,
-                        VALUE_TOL, GRAD_TOL[dtype])
-    assert (kl > 0).all()
-
-
-def test_kl_extreme_logits_and_reference_without_grad():
-    # As in RLHF, the reference logits have no gradient (and the kernel skips that half of the work).
-    params = ("kl extreme",)
-    gen = _generator(*params)
-    logits_p = _extreme_logits(1000, gen)
-    # p offset by +1e4 against q by -1e4 and back; p's peaked row against q's half-at--1e4 row (KL ~1e4)
-    logits_q = _extreme_logits(1000, gen).detach()[[1, 0, 3, 2]]
-    # KLs up to ~1e4; the gradient p (log p - log q - KL) subtracts numbers of that size (fp32 step ~1e-3)
-    (kl,), (_, grad_q, _) = _compare(kl_triton, kl_reference, (logits_p, logits_q, 0.7), params,
-                                     dict(atol=1e-3, rtol=1e-5), dict(atol=1e-5, rtol=1e-4))
-    assert grad_q is None and torch.isfinite(kl).all()
-
-
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_kl_of_equal_logits_is_zero(impl):
-    logits = (torch.randn(4, 257, generator=_generator("kl zero")) * 3).to(DEVICE)
-    kl = token_kl(logits, logits.clone(), impl=impl)
-    torch.testing.assert_close(kl.cpu(), torch.zeros(4), atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("dtype, mask_value, temperature", MASKS)
-def test_kl_with_masked_logits(dtype, mask_value, temperature):
-    params = ("kl masked", dtype, mask_value, temperature)
-    gen = _generator(*params)
-    N, V = 7, 600
-    logits_p, masked_p = _masked_logits(N, V, dtype, mask_value, gen)
-    # q masks the same tokens as p in rows 0-3, fewer in row 4 (finite KL), more in row 6 (tokens p
-    # allows: KL = +inf); row 5 of p has no finite logit (KL 0); row 0 of q none at all (+inf) is below.
-    masked_q = masked_p.clone()
-    masked_q[4] = False
-    masked_q[6, 5:25] = True
-    value = torch.finfo(dtype).min if mask_value == "finfo.min" else mask_value
-    logits_q = (logits_p.detach().float() + torch.randn(N, V, generator=gen))  # (N, V)
-    logits_q = logits_q.masked_fill(masked_q, value)
-    logits_q[0] = value  # q has no distribution where p has one: +inf
-    logits_q = logits_q.to(dtype).requires_grad_()
-    (kl,), (grad_p, grad_q, _) = _compare(kl_triton, kl_reference, (logits_p, logits_q, temperature), params,
-                                          VALUE_TOL, GRAD_TOL[dtype])
-    assert kl[0] == float("inf") and kl[6] == float("inf") and kl[5] == 0
-    assert torch.isfinite(kl[[1, 2, 3, 4]]).all() and (kl[[1, 2, 4]] > 0).all()
-    torch.testing.assert_close(kl[3], torch.tensor(0.0), atol=1e-6, rtol=0)  # both: one token, p = q = 1
-    assert torch.isfinite(grad_p).all() and torch.isfinite(grad_q).all()
-    # rows with KL = +inf or no distribution under p get no gradient
-    assert (grad_p[[0, 5, 6]] == 0).all() and (grad_q[[0, 5, 6]] == 0).all()
-    assert (grad_p[masked_p] == 0).all()  # p_k = 0: dKL/ds_k = p_k (...) = 0
-
-
-def test_kl_with_masked_logits_by_hand():
-    # p uniform on tokens 0..3, q uniform on 0..7 (the rest -inf): KL = sum_j 1/4 log((1/4) / (1/8)) = log 2.
-    logits_p = torch.full((1, 300), float("-inf"))
-    logits_p[0, :4] = 1.0
-    logits_q = torch.full((1, 300), float("-inf"))
-    logits_q[0, :8] = -3.0
-    for impl in ("triton", "torch"):
-        kl = token_kl(logits_p.to(DEVICE), logits_q.to(DEVICE), impl=impl)
-        torch.testing.assert_close(kl.cpu(), torch.tensor([math.log(2)]))
-
-
 def test_kernels_do_not_modify_inputs():
     gen = _generator("inputs")
     logits = _on_device(_logits(4, 300, torch.bfloat16, gen))
-    other = _on_device(_logits(4, 300, torch.bfloat16, gen))
     targets = torch.randint(0, 300, (4,), generator=gen).to(DEVICE)
-    before = [logits.detach().clone(), other.detach().clone(), targets.clone()]
+    before = [logits.detach().clone(), targets.clone()]
     logp, entropy = logprobs_triton(logits, targets)
-    (logp.sum() + entropy.sum() + kl_triton(logits, other).sum()).backward()
-    for x, x0 in zip((logits, other, targets), before):
+    (logp.sum() + entropy.sum()).backward()
+    for x, x0 in zip((logits, targets), before):
         assert torch.equal(x.detach(), x0)
 
 
@@ -384,9 +300,6 @@ def test_gpu_launch_configuration_matches_reference(gpu_launch_config, dtype, V)
     targets = torch.tensor([0, V - 1, 1, V // 2])
     _compare(logprobs_triton, logprobs_reference, (logits, targets, tau), params, dict(atol=1e-4, rtol=1e-5),
              GRAD_TOL[dtype])
-    logits_q = (base + torch.randn(N, V, generator=gen)).to(dtype).requires_grad_()
-    _compare(kl_triton, kl_reference, (logits, logits_q, tau), params, dict(atol=1e-3, rtol=1e-5),
-             GRAD_TOL[dtype])
 
 
 def test_gpu_launch_configuration_linear(gpu_launch_config):
@@ -402,7 +315,7 @@ def test_gpu_launch_configuration_linear(gpu_launch_config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The fused linear variant
+# 2. The fused linear variant
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -470,7 +383,7 @@ def test_linear_logprobs_keeps_no_logits(impl):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The impl switch and the errors
+# 3. The impl switch and the errors
 
 
 def test_auto_on_cpu_uses_reference_and_warns_once(monkeypatch):
@@ -478,7 +391,7 @@ def test_auto_on_cpu_uses_reference_and_warns_once(monkeypatch):
         raise AssertionError("impl='auto' must not run the Triton kernels on CPU tensors")
 
     monkeypatch.setattr(logprob, "logprobs_triton", kernel_called)
-    monkeypatch.setattr(logprob, "kl_triton", kernel_called)
+    monkeypatch.setattr(logprob, "_LinearLogProbs", kernel_called)
     monkeypatch.setattr(logprob, "_warned_reference", False)
     gen = _generator("auto")
     logits = torch.randn(4, 50, generator=gen)
@@ -487,9 +400,13 @@ def test_auto_on_cpu_uses_reference_and_warns_once(monkeypatch):
         logp, entropy = token_logprobs(logits, targets, 0.7)
     logp_ref, entropy_ref = logprobs_reference(logits, targets, 0.7)
     assert torch.equal(logp, logp_ref) and torch.equal(entropy, entropy_ref)
+    hidden, weight = torch.randn(4, 6, generator=gen), torch.randn(50, 6, generator=gen)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise here
-        assert torch.equal(token_kl(logits, logits.flip(0)), kl_reference(logits, logits.flip(0)))
+        logp, entropy = linear_logprobs(hidden, weight, targets, 0.7)
+    logp_ref, entropy_ref = linear_logprobs_reference(hidden, weight, targets, 0.7)
+    torch.testing.assert_close(logp, logp_ref)
+    torch.testing.assert_close(entropy, entropy_ref)
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
@@ -509,8 +426,6 @@ def test_bad_inputs_raise(impl):
         ("int64", lambda: token_logprobs(logits, targets.int(), impl=impl)),
         ("temperature", lambda: token_logprobs(logits, targets, 0.0, impl=impl)),
         ("dtype", lambda: token_logprobs(logits.double(), targets, impl=impl)),
-        ("same shape", lambda: token_kl(logits, logits[:, :9], impl=impl)),
-        ("2-D tensor", lambda: token_kl(logits, logits.view(2, 2, 10), impl=impl)),
         ("weight must be", lambda: linear_logprobs(hidden, weight[:, :5], targets, impl=impl)),
         ("targets must be", lambda: linear_logprobs(hidden, weight, targets[:2], impl=impl)),
         ("chunk_size", lambda: linear_logprobs(hidden, weight, targets, chunk_size=0, impl=impl)),

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from model import (
-    GPT, GPTConfig, LoadError, PolicyWithValue, RewardModel, attention_naive, attention_sdpa, config_from_preset,
-    last_token_index, load_checkpoint, load_gpt2_weights, model_from_checkpoint, policy_from_checkpoint,
-    read_safetensors, sample_answers, save_checkpoint,
+    GPT, GPTConfig, PolicyWithValue, RewardModel, attention_naive, attention_sdpa, config_from_preset,
+    kv_start_from_mask, last_token_index, position_ids_from_mask, sample_answers,
 )
+from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
+from support.errors import LoadError
+from support.gpt2 import load_gpt2_weights, read_safetensors
+from support.speedups import real_tokens_forward
 
 transformers = pytest.importorskip("transformers",
                                    reason="the golden test needs the dev extra (pip install -e '.[dev]')")
@@ -88,7 +91,7 @@ def test_presets_have_gpt2_shapes():
     sizes = {name: (config_from_preset(name).n_layer, config_from_preset(name).n_embd)
              for name in ("gpt2-medium", "gpt2-large", "gpt2-xl")}
     assert sizes == {"gpt2-medium": (24, 1024), "gpt2-large": (36, 1280), "gpt2-xl": (48, 1600)}
-    with pytest.raises(LoadError, match="unknown model preset"):
+    with pytest.raises(ValueError, match="unknown model preset"):
         config_from_preset("gpt5")
 
 
@@ -237,6 +240,35 @@ def test_a_padded_batch_computes_each_row_as_alone_and_zeros_at_the_padding(attn
         assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-4), name
 
 
+def test_real_tokens_forward_equals_the_plain_blocks_on_the_padded_batch():
+    """support/speedups.py's packing against the path it replaces: model.py's blocks run on the whole padded
+    batch, padding included, read at the real tokens; values and gradients."""
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0], [1] * 7])
+    idx = torch.randint(1, 97, mask.shape, generator=torch.Generator().manual_seed(2)) * mask
+    real = mask.bool()
+    outputs, grads = [], []
+    for packed in (False, True):
+        model = tiny_gpt()
+        trunk = model.transformer
+        x = trunk.wte(idx) + trunk.wpe(position_ids_from_mask(mask))  # (B, T, C)
+        kv_start = kv_start_from_mask(mask)
+        if packed:
+            hidden = real_tokens_forward(trunk, x, mask, kv_start)
+            assert (hidden[~real] == 0).all()
+        else:
+            hidden = x
+            for block in trunk.h:
+                hidden = block(hidden, kv_start)
+            hidden = trunk.ln_f(hidden)
+        weight = torch.randn(hidden[real].shape, generator=torch.Generator().manual_seed(3))
+        (hidden[real] * weight).sum().backward()
+        outputs.append(hidden[real].detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_last_token_index_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert last_token_index(mask).tolist() == [2, 4, 4]
@@ -372,8 +404,13 @@ def test_auto_attention_falls_back_to_sdpa_for_head_sizes_the_kernel_lacks(capsy
     assert resolve_attn_impl("auto", cuda, 48) == "sdpa" and resolve_attn_impl("auto", cuda, 48) == "sdpa"
     assert capsys.readouterr().out.count("using PyTorch's SDPA instead") <= 1  # said once per process
     assert resolve_attn_impl("auto", torch.device("cpu"), 64) == "sdpa"
-    with pytest.raises(LoadError, match="head sizes"):
-        resolve_attn_impl("triton", cuda, 48)
+    # asked for by name, a head size the kernel lacks is refused when the model is built, not at its first step
+    with pytest.raises(ValueError, match="head sizes"):
+        GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=96, attn_impl="triton"))
+    checkpoint = {"stage": "sft", "model_config": {"n_embd": 96, "n_head": 2, "n_layer": 1, "vocab_size": 16,
+                                                   "block_size": 8}, "model": {}}
+    with pytest.raises(LoadError, match="head sizes .* use attn_impl sdpa"):
+        model_from_checkpoint(checkpoint, attn_impl="triton")
 
 
 def test_a_save_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -8,9 +8,11 @@ import torch
 
 from conftest import crash_after_first_checkpoint
 import train_ppo
-from model import GPT, GPTConfig, load_checkpoint, policy_from_checkpoint
+from model import GPT, GPTConfig
+from support.checkpoint import load_checkpoint, policy_from_checkpoint
 from train_ppo import (
-    Config, action_logprobs, at_actions, gae, masked_whiten, per_token_rewards, ppo_policy_loss, ppo_value_loss,
+    Config, action_logprobs, at_actions, exact_kl, gae, masked_whiten, per_token_rewards, ppo_policy_loss,
+    ppo_value_loss,
 )
 
 
@@ -109,6 +111,21 @@ def test_action_logprobs_equal_log_softmax_shifted_by_one_column():
                 assert logp[b, t] == 0 and entropy[b, t] == 0
     values = torch.arange(27.0).view(3, 9)
     assert at_actions(values, action_mask)[1].tolist() == [0, 0, 0, 0, 12, 13, 14, 0, 0]
+
+
+def test_exact_kl_is_the_kl_of_the_next_token_distributions_at_each_action():
+    """The logged exact KL at action column t is KL(pi(. | s) || pi_ref(. | s)) of the state before it, over the
+    whole vocabulary (torch.distributions here), at the temperature of sampling; 0 off the actions."""
+    policy, ref = (GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=1, n_head=2, n_embd=32)).eval() for _ in "ab")
+    tokens = torch.randint(0, 37, (2, 7), generator=torch.Generator().manual_seed(0))
+    action_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]]).float()
+    with torch.no_grad():
+        kl = exact_kl(policy, ref, policy.hidden_states(tokens), ref.hidden_states(tokens), action_mask, 0.7, chunk=3)
+        p, q = (torch.distributions.Categorical(logits=m(tokens) / 0.7) for m in (policy, ref))  # (B, T, V) each
+        expected = torch.distributions.kl_divergence(p, q)  # (B, T): the distributions after each token
+    expected = at_actions(expected, action_mask)
+    torch.testing.assert_close(kl, expected, atol=1e-6, rtol=1e-5)
+    assert (kl[action_mask.bool()] > 0).all() and (kl[~action_mask.bool()] == 0).all()
 
 
 def ppo_cfg(out, sft_run, reward_dir, **kw):

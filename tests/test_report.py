@@ -1,4 +1,4 @@
-"""report.py on a tiny pipeline run: every section is there, every number of the report is one that the
+"""tools/report.py on a tiny pipeline run: every section is there, every number of the report is one that the
 run's files hold (the before/after answers, sampled from the checkpoints, are checked on their own),
 and the command behaves as pipeline.sh's last stage and a user meet it."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 
-import task
+from support import task
 import train_ppo
 import train_reward
 import train_sft
@@ -46,14 +46,14 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def made(run_dir):
-    """report.py run once on that folder, as pipeline.sh runs it: (exit code, stdout, stderr, report.md)."""
+    """tools/report.py run once on that folder, as pipeline.sh runs it: (exit code, stdout, stderr, report.md)."""
     code, out, err = report(run_dir)
     return code, out, err, (run_dir / "report.md").read_text()
 
 
 def report(*args):
-    proc = subprocess.run([sys.executable, "report.py", *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "tools/report.py", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import train_reward
-from data import GPT2_EOS, Tokenizer, Truncation
-from model import GPTConfig, LoadError, RewardModel, load_checkpoint, model_from_checkpoint
+from support.data import GPT2_EOS, Tokenizer, Truncation
+from model import GPTConfig, RewardModel
+from support.checkpoint import load_checkpoint, model_from_checkpoint
+from support.errors import LoadError
 from train_reward import Config, bradley_terry_loss, comparison_pairs, file_comparisons, reward_batch
 
 

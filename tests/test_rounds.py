@@ -7,7 +7,7 @@ import subprocess
 
 from conftest import REPO
 
-from model import load_checkpoint
+from support.checkpoint import load_checkpoint
 
 TINY = {  # every stage in seconds: what is checked here is the plumbing of the rounds, not learning
     "SFT_FLAGS": "--max_iters 30 --n_train 500 --n_eval 20 --eval_prompts 16 --eval_interval 30",
@@ -22,12 +22,12 @@ STOP_IN_ROUND_2 = """
 import sys
 if any("round2/ppo" in arg for arg in sys.argv):
     sys.path.insert(0, {repo!r})  # site runs this before the script's folder is on the path
-    import model
-    real_save = model.save_checkpoint
+    import support.checkpoint
+    real_save = support.checkpoint.save_checkpoint
     def save_then_stop(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
-    model.save_checkpoint = save_then_stop
+    support.checkpoint.save_checkpoint = save_then_stop
 """
 
 # The no-KL PPO run crashes as it loads its first checkpoint.
@@ -35,10 +35,10 @@ CRASH_NO_KL = """
 import sys
 if "--kl_coef" in sys.argv:
     sys.path.insert(0, {repo!r})
-    import model
+    import support.checkpoint
     def broken(*args, **kwargs):
         raise RuntimeError("the no-KL run broke")
-    model.load_checkpoint = broken
+    support.checkpoint.load_checkpoint = broken
 """
 
 

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 import train_sft
 from conftest import crash_after_first_checkpoint
-from model import GPT, GPTConfig, LoadError, load_checkpoint
+from model import GPT, GPTConfig
+from support.checkpoint import load_checkpoint
+from support.errors import LoadError, UsageError
+from support.training import fit_lengths, warmup_cosine
 from train_sft import IGNORE, Config, sft_batch, sft_loss
-from training import UsageError, warmup_cosine
 
 
 def test_loss_mask_covers_exactly_the_answer_tokens():
@@ -42,6 +44,16 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     lr_at = lambda it: warmup_cosine(it, lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)  # noqa: E731
     assert lr_at(0) == pytest.approx(0.1) and lr_at(9) == pytest.approx(1.0)
     assert lr_at(60) == pytest.approx(0.55) and lr_at(110) == pytest.approx(0.1)
+
+
+def test_lengths_left_at_zero_are_filled_in_a_copy_and_said(capsys):
+    cfg = Config(max_answer_tokens=20)
+    fitted = fit_lengths(cfg, 128)
+    assert (fitted.max_prompt_tokens, fitted.max_answer_tokens) == (96, 20)
+    assert (cfg.max_prompt_tokens, cfg.max_answer_tokens) == (0, 20)  # the caller's config is not changed
+    assert capsys.readouterr().out == "lengths: --max_prompt_tokens 96 (from the model's block size 128)\n"
+    with pytest.raises(UsageError, match="--max_prompt_tokens \\+ --max_answer_tokens = 152 exceeds"):
+        fit_lengths(Config(max_prompt_tokens=120), 128)
 
 
 def read_log(path):

@@ -1,13 +1,13 @@
-"""Tests for task.py: the built-in task, its gold judge and its simulated labellers."""
+"""Tests for support/task.py: the built-in task, its gold judge and its simulated labellers."""
 
 import math
 import random
 
 import pytest
 
-import task
-from data import Tokenizer, task_tokenizer
-from task import GOLD_MAX, GOLD_MIN, format_prompt, gold_score, gold_terms
+from support import task
+from support.data import Tokenizer
+from support.task import GOLD_MAX, GOLD_MIN, format_prompt, gold_score, gold_terms
 
 HAPPY_SEA = format_prompt("Write a happy sentence about the sea.")
 BANANA = format_prompt("What color is a banana?")
@@ -192,7 +192,7 @@ def test_everything_tokenizes_short():
 def test_compact_vocabulary_round_trips_everything_the_task_writes():
     """Every prompt, reference answer, demonstration (every content mode and flaw) and hacked answer
     encodes into the compact table and decodes back to the same text, and means the same GPT-2 tokens."""
-    tok, gpt2 = task_tokenizer(), Tokenizer()
+    tok, gpt2 = Tokenizer.for_texts(task.vocabulary_texts()), Tokenizer()
     assert tok.vocab_size < 1100 and tok.decode([tok.eos_id]) == "<|endoftext|>"
     texts = [format_prompt(r) for r in task.SPECS] + [task.reference_answer(format_prompt(r)) for r in task.SPECS]
     rng = random.Random(0)
@@ -216,7 +216,7 @@ def test_compact_vocabulary_reads_back_whatever_a_model_writes():
     """A model can join table tokens into words GPT-2 reads as other tokens (" looks" + "o" is " look" +
     "so" to GPT-2). spell=True reads any text made of table tokens back into table tokens with the same
     text, and notes the words it spelled; without it, such text is refused as before."""
-    tok = task_tokenizer()
+    tok = Tokenizer.for_texts(task.vocabulary_texts())
     rng = random.Random(0)
     pieces = [i for i in range(tok.vocab_size) if i != tok.eos_id]
     texts = [tok.decode(rng.choices(pieces, k=rng.randint(1, 20))) for _ in range(300)]

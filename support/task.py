@@ -34,7 +34,7 @@ The pieces, in the order the pipeline uses them:
 Everything is pure Python and deterministic from a seed: each function builds its own
 `random.Random(...)`; nothing uses the global RNG or Python's salted `hash()`.
 
-Run `python task.py` to see examples with their gold scores.
+Run `python support/task.py` to see examples with their gold scores.
 """
 
 import hashlib
@@ -458,7 +458,7 @@ def sample_answer(prompt, rng):
 
 
 def vocabulary_texts():
-    """Every piece of text this task can produce, for a compact token vocabulary (data.task_tokenizer):
+    """Every piece of text this task can produce, for a compact token vocabulary (data.Tokenizer.for_texts):
     every prompt whole, and every word and number an answer can hold, in each form GPT-2's tokenizer
     can see it (after a space or not, lower case or capitalised), and the punctuation the demonstrator
     writes. GPT-2 splits text into words, numbers and punctuation runs before it merges bytes, so the

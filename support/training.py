@@ -1,37 +1,57 @@
 """
-What every stage script shares, and nothing else: flags with help text, the device, the optimizer and
-its learning-rate schedule, which examples make a batch, the metrics log, progress, and one-line errors.
+What every stage script shares, and nothing else: flags with their help and limits, the device, the
+optimizer and its learning-rate schedule, which examples make a batch, the metrics log, progress, and
+one-line errors.
 
 The RLHF maths lives in the stage scripts themselves (train_sft.py, train_reward.py, train_ppo.py); a
 stage never imports another stage. Editing this file changes every stage at once, on purpose.
 """
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
-from dataclasses import field, fields
 from pathlib import Path
 
 import torch
 
-from model import LoadError
-
-
-class UsageError(Exception):
-    """A flag or setting that cannot work (a zero batch, an unknown choice, an out_dir that is a file):
-    one line naming the flag and the fix, printed by `run` without a traceback, before any work starts."""
-
+from support.errors import LoadError, UsageError
 
 # -----------------------------------------------------------------------------
-# Flags: one config dataclass per script, each field with its help text beside it
+# Flags: one config dataclass per script, each field with its help text and its limits beside it
 
 
-def flag(default, help):
-    """A config field with its help text beside it; `--help` shows it."""
-    return field(default=default, metadata={"help": help})
+def flag(default, help, min=None, max=None, above=None, below=None, choices=None):
+    """A config field with its help text and the values it may take: min <= value <= max, above < value
+    < below, value in choices (None: no limit). `--help` shows both; check_flags enforces the limits."""
+    limits = dict(min=min, max=max, above=above, below=below, choices=choices)
+    return dataclasses.field(default=default, metadata={"help": help, **limits})
+
+
+def limits_text(f):
+    """The limits of a flag() field as `--help` and the errors say them: "> 0", ">= 0 and <= 1", "one of a, b"."""
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(m["choices"])
+    lower = f">= {m['min']}" if m.get("min") is not None else f"> {m['above']}" if m.get("above") is not None else ""
+    upper = f"<= {m['max']}" if m.get("max") is not None else f"< {m['below']}" if m.get("below") is not None else ""
+    return " and ".join(text for text in (lower, upper) if text)
+
+
+def check_flags(cfg):
+    """Every flag within its own limits, or a UsageError naming the first that is not."""
+    for f in dataclasses.fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        if m.get("choices") and value not in m["choices"]:
+            raise UsageError(f"--{f.name} {value!r}: use {limits_text(f)}")
+        if ((m.get("min") is not None and value < m["min"]) or (m.get("max") is not None and value > m["max"])
+                or (m.get("above") is not None and value <= m["above"])
+                or (m.get("below") is not None and value >= m["below"])):
+            raise UsageError(f"--{f.name} must be {limits_text(f)}, got {value}")
 
 
 def finite_float(text):
@@ -46,47 +66,40 @@ def finite_float(text):
 
 
 def parse_args(config_class, argv=None):
-    """Command-line flags from a config dataclass: one --name per field, its help from flag(...).
-    A bad value (`--lr abc`, `--lr nan`) is argparse's own one-line error and exit code 2."""
+    """Command-line flags from a config dataclass: one --name per field, its help and limits from flag(...).
+    A value that is not a number (`--lr abc`, `--lr nan`) is argparse's own one-line error and exit code 2;
+    a number outside its limits is check_flags' (each script's check_config calls it)."""
     parser = argparse.ArgumentParser(description=config_class.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(config_class):
+    for f in dataclasses.fields(config_class):
         kind = finite_float if type(f.default) is float else type(f.default)
+        limits = limits_text(f)
+        help = f.metadata["help"] + (f" [{limits}]" if limits else "")
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help)
     return config_class(**vars(parser.parse_args(argv)))
 
 
 def check(condition, message):
-    """Raise UsageError(message) unless condition: how the scripts validate their flags up front."""
+    """Raise UsageError(message) unless condition: the rules that tie two flags together."""
     if not condition:
         raise UsageError(message)
 
 
-def check_positive(cfg, *names):
-    for name in names:
-        check(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
-
-
-def check_choice(cfg, name, choices):
-    check(getattr(cfg, name) in choices, f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(choices)}")
-
-
 def fit_lengths(cfg, block_size, answer_flag="max_answer_tokens"):
-    """Fill the length flags left at 0 from the model's block size (prompts 3/4 of it, answers 1/4) and
-    check that a prompt and an answer fit in the block together."""
-    cfg.max_prompt_tokens = cfg.max_prompt_tokens or block_size * 3 // 4
-    setattr(cfg, answer_flag, getattr(cfg, answer_flag) or block_size // 4)
-    total = cfg.max_prompt_tokens + getattr(cfg, answer_flag)
-    check(total <= block_size, f"--max_prompt_tokens + --{answer_flag} = {total} exceeds the model's block_size "
-                               f"{block_size}")
-
-
-def check_seed(seed):
-    check(0 <= seed < 2**31, f"--seed must be in [0, 2**31), got {seed}")
+    """A copy of cfg whose length flags left at 0 take their share of the model's block size (prompts 3/4,
+    answers 1/4), said in one line; and a check that a prompt and an answer fit in the block together."""
+    prompt = cfg.max_prompt_tokens or block_size * 3 // 4
+    answer = getattr(cfg, answer_flag) or block_size // 4
+    filled = [f"--max_prompt_tokens {prompt}"] * (not cfg.max_prompt_tokens)
+    filled += [f"--{answer_flag} {answer}"] * (not getattr(cfg, answer_flag))
+    if filled:
+        print(f"lengths: {' and '.join(filled)} (from the model's block size {block_size})")
+    check(prompt + answer <= block_size, f"--max_prompt_tokens + --{answer_flag} = {prompt + answer} exceeds the "
+                                         f"model's block_size {block_size}")
+    return dataclasses.replace(cfg, max_prompt_tokens=prompt, **{answer_flag: answer})
 
 
 def check_finite(value, what, fix):
@@ -108,13 +121,16 @@ def check_out_dir(path):
 # Device and precision, chosen once at the top of each script
 
 
-def pick_device(name):
+def pick_device(name, attn_impl="auto"):
+    """The torch device of --device, once it is known that it exists and can run --attn_impl."""
     check(name == "auto" or name == "cpu" or name.startswith("cuda"),
           f"--device {name!r}: use auto, cpu or cuda")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     check(not name.startswith("cuda") or torch.cuda.is_available(),
           f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    check(attn_impl != "triton" or name.startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1",
+          "--attn_impl triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on a CPU)")
     return torch.device(name)
 
 

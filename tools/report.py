@@ -1,8 +1,8 @@
 """
 The report card of one pipeline run: out/report.md, the whole run on one page.
 
-    python report.py out                  # writes out/report.md (pipeline.sh does this as its last stage)
-    python report.py runs/seed2           # any folder that pipeline.sh wrote (OUT=runs/seed2)
+    python tools/report.py out                  # writes out/report.md (pipeline.sh does this as its last stage)
+    python tools/report.py runs/seed2           # any folder that pipeline.sh wrote (OUT=runs/seed2)
 
 Sections: the environment of the machine that writes the report, each stage's settings and wall time,
 its key numbers at the start and the end of training (SFT loss and gold score; reward-model accuracy
@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 
-import task
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the stage scripts, model.py and support/ are one folder up
 import train_ppo
 import train_reward
 import train_sft
-from data import Tokenizer, decode_answers
-from model import LoadError, load_checkpoint, model_from_checkpoint, policy_from_checkpoint
-from training import UsageError, check, run
-
-REPO = Path(__file__).resolve().parent
+from support import task
+from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint
+from support.data import Tokenizer, decode_answers
+from support.errors import LoadError, UsageError
+from support.training import check, run
 STAGES = {  # folder -> (script, its Config, the settings every report shows)
     "sft": ("train_sft.py", train_sft.Config, ("init", "preset", "n_train", "batch_size", "max_iters", "lr", "seed")),
     "reward": ("train_reward.py", train_reward.Config,
@@ -355,7 +356,7 @@ def write_report(out, n_prompts=4):
         raise LoadError(f"{out}: no sft/, reward/, ppo/ or ppo_nokl/ checkpoint; run bash pipeline.sh (OUT={out}) "
                         "first")
     lines = [f"# Report card of the run in {out}/", "",
-             f"Written by `python report.py {out}` from the run's metrics.jsonl, times.txt and checkpoints; "
+             f"Written by `python tools/report.py {out}` from the run's metrics.jsonl, times.txt and checkpoints; "
              "run it again to re-make this page.", ""]
     lines += environment(ckpts) + stages_section(out, ckpts) + key_numbers(out, ckpts) + rounds_section(out)
     lines += before_after(out, ckpts, n_prompts) + figures_section(out)

@@ -1,11 +1,11 @@
 """
 Talk to the pipeline's models in the terminal: one model, or several side by side.
 
-    python chat.py                                         # the PPO policy of out/ (out/ppo/ckpt.pt)
-    python chat.py --checkpoint out/sft/ckpt.pt            # any sft or ppo checkpoint
-    python chat.py --weights DIR                           # a local Hugging Face GPT-2 folder: the base model
-    python chat.py --checkpoint out/sft/ckpt.pt,out/ppo/ckpt.pt,out/ppo_nokl/ckpt.pt   # side by side
-    echo "What color is a banana?" | python chat.py        # stdin need not be a terminal
+    python tools/chat.py                                      # the PPO policy of out/ (out/ppo/ckpt.pt)
+    python tools/chat.py --checkpoint out/sft/ckpt.pt         # any sft or ppo checkpoint
+    python tools/chat.py --weights DIR                        # a local Hugging Face GPT-2 folder: the base model
+    python tools/chat.py --checkpoint out/sft/ckpt.pt,out/ppo/ckpt.pt,out/ppo_nokl/ckpt.pt   # side by side
+    echo "What color is a banana?" | python tools/chat.py     # stdin need not be a terminal
 
 Each message is wrapped in the chat format every stage was trained on, the turns joined as in HH-RLHF,
 
@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-import task
-from data import DataError, Tokenizer
-from model import (
-    GPT, KVCache, LoadError, check_sampling, load_checkpoint, load_gpt2_weights, model_from_checkpoint,
-    policy_from_checkpoint, sample_next_token,
-)
-from training import UsageError, autocast, check, check_choice, check_seed, flag, parse_args, pick_device, run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py and support/ are one folder up
+from model import GPT, KVCache, check_sampling, sample_next_token
+from support import task
+from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint
+from support.data import DataError, Tokenizer
+from support.errors import LoadError, UsageError
+from support.gpt2 import load_gpt2_weights
+from support.training import autocast, check, check_flags, flag, parse_args, pick_device, run
 
 COMMANDS = "/reset forgets the conversation, /quit leaves"
 EXAMPLE = "What color is a banana?"  # a request of the built-in task, for the hint on unknown words
@@ -50,13 +51,16 @@ class Config:
                         "beside --checkpoint")
     reward: str = flag("auto", "reward-model ckpt.pt that scores each answer; 'auto': reward/ckpt.pt beside the first "
                        "checkpoint's stage folder, if there; 'none': no scores")
-    max_new_tokens: int = flag(32, "longest answer, in tokens; the conversation gets the rest of the block size")
-    temperature: float = flag(1.0, "sampling temperature (0: greedy); 1.0 samples the policy that PPO trained")
-    top_k: int = flag(0, "sample among the top_k most likely tokens only (0: all of them)")
-    top_p: float = flag(1.0, "sample from the smallest set of tokens whose probability reaches top_p (1.0: all)")
-    seed: int = flag(1337, "sampling seed: the same conversation gets the same answers")
+    max_new_tokens: int = flag(32, "longest answer, in tokens; the conversation gets the rest of the block size",
+                               min=1)
+    temperature: float = flag(1.0, "sampling temperature (0: greedy); 1.0 samples the policy that PPO trained",
+                              min=0)
+    top_k: int = flag(0, "sample among the top_k most likely tokens only (0: all of them)", min=0)
+    top_p: float = flag(1.0, "sample from the smallest set of tokens whose probability reaches top_p (1.0: all)",
+                        above=0, max=1)
+    seed: int = flag(1337, "sampling seed: the same conversation gets the same answers", min=0, max=2**31 - 1)
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
+    attn_impl: str = flag("auto", "attention implementation", choices=("auto", "triton", "sdpa", "naive"))
 
 
 def sampling(cfg):
@@ -65,15 +69,11 @@ def sampling(cfg):
 
 
 def check_config(cfg):
-    check(cfg.max_new_tokens > 0, f"--max_new_tokens must be positive, got {cfg.max_new_tokens}")
-    check(cfg.top_k >= 0, f"--top_k must be >= 0 (0: off), got {cfg.top_k}")
-    check(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1] (1: off), got {cfg.top_p}")
+    check_flags(cfg)
     try:
         check_sampling(*sampling(cfg))
     except ValueError as e:  # "temperature must be ...": the flag's own name
         raise UsageError(f"--{e}") from None
-    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
-    check_seed(cfg.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def read_message(interactive):
 
 def main(cfg):
     check_config(cfg)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.attn_impl)
     speakers = load_speakers(cfg, device)
     load_reward_model(cfg, speakers, device)
     interactive = sys.stdin.isatty()

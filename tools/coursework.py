@@ -28,10 +28,10 @@ unit test passes (tests/test_coursework.py checks it). END_TO_END lists the test
 pieces too but grade no single exercise (the training runs, the scripts run as a user meets them, the GPU
 compile of the kernels): they pass again once every exercise is written.
 
-    python coursework.py list                               # exercises, where they are, lecture topics
-    python coursework.py student --to ../student            # write the student version into a new folder
-    python coursework.py grade ../student                   # exercise | lecture topic | tests passed
-    python coursework.py grade ../student --exercises gae   # one exercise (comma-separated for several)
+    python tools/coursework.py list                               # exercises, where they are, lecture topics
+    python tools/coursework.py student --to ../student            # write the student version into a new folder
+    python tools/coursework.py grade ../student                   # exercise | lecture topic | tests passed
+    python tools/coursework.py grade ../student --exercises gae   # one exercise (comma-separated for several)
 
 COURSEWORK.md is the page for instructors.
 """
@@ -47,9 +47,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import UsageError, check, flag, parse_args, run
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # support/ is one folder up
+from support.errors import UsageError
+from support.training import check, check_flags, flag, parse_args, run
 
-REPO = Path(__file__).resolve().parent
 LINE_LENGTH = 120  # ruff's limit (pyproject.toml): a stub line must fit in it too
 
 
@@ -69,7 +71,7 @@ EXERCISES = (
     Exercise("bt_loss", "train_reward.py:bradley_terry_loss", "Reward model: the Bradley-Terry loss", (
         "tests/test_reward.py::test_bradley_terry_loss_equals_hand_computation",
     )),
-    Exercise("reward_at_eos", "model.py:RewardModel.forward", "Reward model: a scalar head at the last token", (
+    Exercise("reward_at_eos", "model.py:RewardModel.read_reward", "Reward model: a scalar head at the last token", (
         "tests/test_model.py::test_reward_model_reads_last_real_token_whatever_the_padding",
         "tests/test_reward.py::test_reward_batch_ends_each_answer_with_eos_and_the_model_reads_it",
         "tests/test_reward.py::test_shared_prompts_and_length_buckets_give_each_answer_its_own_reward_and_gradient",
@@ -289,7 +291,7 @@ def exercise_regions(repo=REPO, files=None):
     regions = {}
     for path in files:
         # not this file, whose docstring shows the markers, nor the tests, which hold no exercise
-        if path.endswith(".py") and path != "coursework.py" and not path.startswith("tests/"):
+        if path.endswith(".py") and path != "tools/coursework.py" and not path.startswith("tests/"):
             for region in find_regions(path, (repo / path).read_text()):
                 if region.name in regions:
                     other = regions[region.name]
@@ -434,7 +436,8 @@ class StudentConfig:
     each exercise replaced by raise NotImplementedError("exercise NAME: hint"), nothing else changed."""
 
     to: str = flag("", "the new folder to write (it must not exist yet, or be empty)")
-    exercises: str = flag("all", "the exercises to remove, comma-separated (see `python coursework.py list`), or all")
+    exercises: str = flag("all", "the exercises to remove, comma-separated (see `python tools/coursework.py list`), "
+                          "or all")
 
 
 @dataclass
@@ -444,7 +447,7 @@ class GradeConfig:
 
     folder: str = flag(".", "the folder to grade (may also come first without --folder: grade ../student)")
     exercises: str = flag("all", "the exercises to grade, comma-separated, or all")
-    timeout: int = flag(1800, "seconds before the test run is stopped (a loop that never ends)")
+    timeout: int = flag(1800, "seconds before the test run is stopped (a loop that never ends)", min=1)
     verbose: bool = flag(False, "print pytest's own output too")
 
 
@@ -477,7 +480,7 @@ def make_student_version(cfg):
         print(f"note: the tests read the data and the tokenizer from a folder 'shared' beside the repository; "
               f"link it beside the new one: ln -s {shared} {to.parent / 'shared'}")
     only = "" if cfg.exercises == "all" else f" --exercises {cfg.exercises}"
-    print(f"grade it with: python coursework.py grade {cfg.to}{only}")
+    print(f"grade it with: python tools/coursework.py grade {cfg.to}{only}")
     return 0
 
 
@@ -485,7 +488,7 @@ def grade_folder(cfg):
     folder = Path(cfg.folder)
     check((folder / "tests" / "conftest.py").is_file(),
           f"{cfg.folder}: not a copy of this repository (no tests/conftest.py); give the folder to grade")
-    check(cfg.timeout > 0, f"--timeout must be positive, got {cfg.timeout}")
+    check_flags(cfg)
     rows = grade(folder, pick_exercises(cfg.exercises), cfg.timeout, cfg.verbose)
     width = max(len(e.topic) for e, *_ in rows) + 2
     print(f"{'exercise':<16}{'lecture topic':<{width}}passed")
@@ -506,7 +509,7 @@ def main(argv):
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    check(argv, "give a command: list, student or grade (python coursework.py --help)")
+    check(argv, "give a command: list, student or grade (python tools/coursework.py --help)")
     check(argv[0] in COMMANDS, f"unknown command {argv[0]!r}: use list, student or grade")
     command, rest = argv[0], argv[1:]
     if command == "grade" and rest and not rest[0].startswith("-"):

@@ -31,10 +31,9 @@ from pathlib import Path
 import regex
 import torch
 
-import task
-from model import LoadError
+from support.errors import LoadError
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
@@ -159,17 +158,17 @@ class Tokenizer:
     def from_state(cls, state):
         return cls(state["table"])
 
-
-def task_tokenizer():
-    """The compact vocabulary of the built-in task: EOS and every GPT-2 token that the task's texts
-    (task.vocabulary_texts: every prompt, and every word, number and punctuation an answer can hold in
-    each form it can take) are split into. GPT-2 splits text into words before it merges bytes, so a
-    word is always the same tokens wherever it occurs, and any answer the task can write is covered."""
-    bpe = gpt2_bpe()
-    ids = {GPT2_EOS}
-    for text in task.vocabulary_texts():
-        ids.update(bpe.encode_ordinary(text))
-    return Tokenizer(sorted(ids))
+    @classmethod
+    def for_texts(cls, texts):
+        """A compact vocabulary for a closed world of texts (the built-in task's: task.vocabulary_texts):
+        EOS and every GPT-2 token the texts are split into. GPT-2 splits text into words before it merges
+        bytes, so a word is always the same tokens wherever it occurs, and any text made of those words is
+        covered."""
+        bpe = gpt2_bpe()
+        ids = {GPT2_EOS}
+        for text in texts:
+            ids.update(bpe.encode_ordinary(text))
+        return cls(sorted(ids))
 
 
 # -----------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 Be the labeller: rank a policy's answers (or a file's) by hand in the terminal. Each judgement is appended
 to a JSONL file in the rankings format that train_reward.py reads, so your labels can train a reward model.
 
-    python label.py --policy out/sft/ckpt.pt                         # 10 prompts of the built-in task, 2 answers each
-    python label.py --policy out/ppo/ckpt.pt --k 4 --n 50 --out round2.jsonl
-    python label.py --policy out/sft/ckpt.pt --prompts my_prompts.jsonl --n 0      # every prompt of a file
-    python label.py --candidates ../shared/data/preferences_sample.jsonl           # judge a data set's answers again
-    python train_reward.py --extra_data labels.jsonl                 # train on them, beside the simulated labellers
-    python train_reward.py --data labels.jsonl                       # or on them alone
-    printf '21\\nt\\n' | python label.py --policy out/sft/ckpt.pt     # stdin may be a pipe or a file
+    python tools/label.py --policy out/sft/ckpt.pt              # 10 prompts of the built-in task, 2 answers each
+    python tools/label.py --policy out/ppo/ckpt.pt --k 4 --n 50 --out round2.jsonl
+    python tools/label.py --policy out/sft/ckpt.pt --prompts my_prompts.jsonl --n 0      # every prompt of a file
+    python tools/label.py --candidates ../shared/data/preferences_sample.jsonl    # judge a data set's answers again
+    python train_reward.py --extra_data labels.jsonl            # train on them, beside the simulated labellers
+    python train_reward.py --data labels.jsonl                  # or on them alone
+    printf '21\\nt\\n' | python tools/label.py --policy out/sft/ckpt.pt    # stdin may be a pipe or a file
 
 Keys, each followed by Enter:
     213   your ranking, best first: answer 2, then 1, then 3 (every answer once); with two answers a
@@ -38,10 +38,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import task
-from data import Tokenizer, Truncation, encode_prompt, load_preferences, load_prompts, read_jsonl
-from model import load_checkpoint, policy_from_checkpoint, sample_answers
-from training import UsageError, check, check_choice, check_seed, flag, parse_args, pick_device, run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py and support/ are one folder up
+from model import sample_answers
+from support import task
+from support.checkpoint import load_checkpoint, policy_from_checkpoint
+from support.data import Tokenizer, Truncation, encode_prompt, load_preferences, load_prompts, read_jsonl
+from support.errors import UsageError
+from support.training import check, check_flags, flag, parse_args, pick_device, run
 
 MAX_K = 4  # as many answers as one can read at once and rank by one key each
 PROMPT = "rank> "
@@ -70,12 +73,14 @@ class Config:
     k: int = flag(2, "with --policy: answers sampled per prompt, 2 to 4")
     temperature: float = flag(1.0, "with --policy: sampling temperature; 1.0 samples the policy itself")
     max_new_tokens: int = flag(32, "with --policy: longest answer, in tokens")
-    seed: int = flag(1337, "which prompts, answers and shuffles: the same seed gives the same session")
+    seed: int = flag(1337, "which prompts, answers and shuffles: the same seed gives the same session", min=0,
+                     max=2**31 - 1)
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    attn_impl: str = flag("auto", "attention: auto, triton, sdpa or naive")
+    attn_impl: str = flag("auto", "attention implementation", choices=("auto", "triton", "sdpa", "naive"))
 
 
 def check_config(cfg):
+    check_flags(cfg)
     check(bool(cfg.policy) != bool(cfg.candidates),
           "pass --policy CKPT (rank its sampled answers) or --candidates FILE (rank a file's answers), one of them")
     check(not cfg.prompts or cfg.policy, "--prompts goes with --policy (--candidates files bring their own prompts)")
@@ -88,8 +93,6 @@ def check_config(cfg):
     check(not Path(cfg.out).is_dir(), f"--out {cfg.out} is a folder; name a JSONL file")
     check(not cfg.candidates or Path(cfg.out).resolve() != Path(cfg.candidates).resolve(),
           "--out must not be the --candidates file: your judgements would be mixed with the answers they judge")
-    check_choice(cfg, "attn_impl", ("auto", "triton", "sdpa", "naive"))
-    check_seed(cfg.seed)
 
 
 def check_stdin():
@@ -100,8 +103,8 @@ def check_stdin():
     except (AttributeError, OSError, ValueError):  # no stdin at all, or a closed one
         tty, mode = False, 0
     if not (tty or stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
-        raise UsageError("stdin is neither a terminal, a file nor a pipe; run label.py in a terminal or pipe the "
-                         "keys in (e.g. printf '21\\n12\\n' | python label.py ...)")
+        raise UsageError("stdin is neither a terminal, a file nor a pipe; run tools/label.py in a terminal or pipe the "
+                         "keys in (e.g. printf '21\\n12\\n' | python tools/label.py ...)")
 
 
 # -----------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def session(cfg, device):
 def main(cfg):
     check_config(cfg)
     check_stdin()  # before loading anything: the user learns at once
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.attn_impl)
     try:
         session(cfg, device)
     except KeyboardInterrupt:  # Ctrl-C outside a question (at one, ask() quits); run() would advise --resume
