@@ -1,9 +1,7 @@
 """
-A GPT-2 in one file, with the heads that RLHF puts on it.
-
-Read top to bottom: config, attention, MLP, block, the GPT, the two scalar heads (the reward model and the
-value head), then generation with a KV cache. Loading GPT-2's own weights lives in support/gpt2.py, the
-checkpoint format of the stages in support/checkpoint.py.
+A GPT-2 in one file, with the heads that RLHF puts on it. Read top to bottom: config, attention, MLP, block,
+the GPT, the two scalar heads (the reward model and the value head), then generation with a KV cache.
+GPT-2's own weights load in support/gpt2.py; the stages' checkpoints are support/checkpoint.py's.
 
 Shape letters used in every comment:
     B batch, T sequence length, C embedding size (n_embd), nh heads, hs head size (C // nh), V vocabulary.
@@ -13,11 +11,14 @@ weights load by name; the style follows nanoGPT.
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from support.speedups import prefill_once_per_prompt, real_tokens_forward  # the same numbers with less work
 
 # -----------------------------------------------------------------------------
 # Config
@@ -36,9 +37,9 @@ class GPTConfig:
     tie_word_embeddings: bool = True  # the LM head is the token embedding matrix (one matrix, two uses)
     scale_attn_weights: bool = True  # scores divided by sqrt(hs)
     scale_attn_by_inverse_layer_idx: bool = False  # scores also divided by layer + 1 (Mistral's GPT-2s)
-    # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in Hugging Face), so its weights
-    # need it; a model trained from scratch may take the exact (erf) form, 2x as fast on a CPU
-    gelu_approximate: str = "tanh"  # F.gelu's `approximate`: "tanh" or "none" (exact)
+    # F.gelu's `approximate`: GPT-2's weights need the tanh form they were trained with ("gelu_new" in Hugging
+    # Face); a model trained from scratch may take the exact one, "none", 2x as fast on a CPU
+    gelu_approximate: str = "tanh"
 
 
 # GPT-2's published shapes; `tiny` trains from scratch on the built-in task on a 2-core CPU in minutes
@@ -63,11 +64,9 @@ def config_from_preset(name, **overrides):
 
 
 def attention_mask_allowed(Tq, Tk, kv_start, device):
-    """Which keys each query may look at, (B or 1, 1, Tq, Tk) bool.
-
-    Queries are aligned to the end of the keys (query i sits at position Tk - Tq + i), which covers
-    training (Tq == Tk), KV-cache decoding (Tq == 1) and chunked prefill. Causal: key j <= that position.
-    Left padding: keys before kv_start[b] are the pad tokens of sequence b, masked for every query."""
+    """Which keys each query may look at, (B or 1, 1, Tq, Tk) bool. Query i sits at position Tk - Tq + i
+    (training: Tq == Tk; KV-cache decoding: Tq == 1) and sees the keys up to it (causal), except the left
+    padding of its row: the keys before kv_start[b]."""
     q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
     allowed = (k_pos <= q_pos)[None, None]  # (1, 1, Tq, Tk)
@@ -106,24 +105,19 @@ def attention_triton(q, k, v, kv_start=None, scale=None):
 
 
 ATTENTION_IMPLS = {"naive": attention_naive, "sdpa": attention_sdpa, "triton": attention_triton}
-_said_sdpa_instead = False  # "auto" says once per process why it did not take the Triton kernel
 
 
 def resolve_attn_impl(attn_impl, device, head_size):
-    """The attention to run: attn_impl itself, or for "auto" the Triton kernel on CUDA when it supports the
-    head size, else SDPA (the interpreter that runs Triton on a CPU is a correctness tool, not a default)."""
-    global _said_sdpa_instead
+    """The attention to run: attn_impl itself, or for "auto" the Triton kernel on CUDA when it takes the head
+    size, else SDPA (the interpreter that runs Triton on a CPU is a correctness tool, not a default)."""
     if attn_impl != "auto":
         return attn_impl
     from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
-    if device.type == "cuda" and head_size in SUPPORTED_HEAD_DIMS:
-        return "triton"
-    if device.type == "cuda" and not _said_sdpa_instead:
-        print(f"attention: the Triton kernel supports head sizes {SUPPORTED_HEAD_DIMS}, this model has {head_size}; "
-              "using PyTorch's SDPA instead")
-        _said_sdpa_instead = True
-    return "sdpa"
+    if device.type == "cuda" and head_size not in SUPPORTED_HEAD_DIMS:  # said once: warnings repeat nothing
+        warnings.warn(f"attention: the Triton kernel takes head sizes {SUPPORTED_HEAD_DIMS}, not {head_size}; "
+                      "using PyTorch's SDPA instead")
+    return "triton" if device.type == "cuda" and head_size in SUPPORTED_HEAD_DIMS else "sdpa"
 
 
 class CausalSelfAttention(nn.Module):
@@ -131,8 +125,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
-        if config.attn_impl not in ("auto", *ATTENTION_IMPLS):
-            raise ValueError(f"attn_impl='{config.attn_impl}' is not one of auto, {', '.join(ATTENTION_IMPLS)}")
         if config.attn_impl == "triton":
             from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
@@ -148,8 +140,7 @@ class CausalSelfAttention(nn.Module):
             self.scale /= layer + 1
 
     def forward(self, x, kv_start=None, kv_cache=None):
-        """x (B, T, C) -> (B, T, C). kv_start (B,): where each row's real tokens start (left padding, None:
-        none); kv_cache: the keys and values of earlier positions (generation)."""
+        """x (B, T, C) -> (B, T, C); kv_start (B,): where left-padded rows start; kv_cache: earlier positions."""
         return self.c_proj(self.attend(self.c_attn(x), kv_start, kv_cache))
 
     def attend(self, qkv, kv_start=None, kv_cache=None):
@@ -251,9 +242,7 @@ class Transformer(nn.Module):
             position_ids = torch.arange(past, past + T, device=idx.device)[None, :]  # (1, T)
         x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
         if kv_cache is None and attention_mask is not None and not bool(attention_mask.all()):  # a sync point
-            from support.speedups import real_tokens_forward  # a padded batch: the same numbers, less work
-
-            return real_tokens_forward(self, x, attention_mask, kv_start)  # (B, T, C), zeros at the padding
+            return real_tokens_forward(self, x, attention_mask, kv_start)  # a padded batch: its real tokens only
         for block in self.h:
             x = block(x, kv_start, kv_cache)
         if kv_cache is not None:
@@ -282,79 +271,10 @@ class GPT(nn.Module):
         return self.transformer(idx, attention_mask, position_ids, kv_cache)
 
     def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
-        """Logits (B, T, V) at every position. A caller that needs only a few positions, or log-probs
-        without the full logits, calls hidden_states and applies lm_head (or the fused log-prob kernel)
-        itself."""
+        """Logits (B, T, V) at every position. For a few positions, or log-probs without the full logits, call
+        hidden_states and apply lm_head (or the fused log-prob kernel) yourself."""
         hidden = self.hidden_states(idx, attention_mask, position_ids, kv_cache)
         return self.lm_head(hidden)  # (B, T, V)
-
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None, top_p=None, seed=None):
-        """Sample answers for a batch of prompts (lists of token ids, any lengths) with a KV cache.
-
-        Prompts are left-padded so that every row's next token is at the same column. Each row stops at
-        its own EOS; after it, the row is filled with EOS and masked out, and soon leaves the batch.
-        temperature=0 is greedy (the most likely token every time); top_k and top_p as in sample_next_token.
-        Returns (tokens, attention_mask, answer_mask), each (B, Tp + n): answer_mask is 1 exactly on the
-        generated tokens, the EOS that ended a row included (it was an action too); attention_mask is 1
-        on the prompt and the answer, so the last 1 of a row is its last real token."""
-        check_sampling(temperature, top_k, top_p)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token (an empty prompt has no state to "
-                             "continue from)")
-        if max_new_tokens < 1:
-            raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
-        device = self.transformer.wte.weight.device
-        B, Tp = len(prompts), max(len(p) for p in prompts)
-        if Tp + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"block_size={self.config.block_size}")
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        tokens = torch.full((B, Tp + max_new_tokens), eos_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros(B, Tp + max_new_tokens, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            tokens[b, Tp - len(p) : Tp] = torch.tensor(p, dtype=torch.long)
-            attention_mask[b, Tp - len(p) : Tp] = 1
-        answer_mask = torch.zeros_like(attention_mask)
-
-        # prefill: the whole prompt in one pass, once per distinct prompt (the K answers sampled for one
-        # prompt share it), its cache then copied for each row; then one position per step
-        distinct = {}  # prompt -> (its number, its first row)
-        for b, p in enumerate(prompts):
-            distinct.setdefault(tuple(p), (len(distinct), b))
-        prompt_of_row = torch.tensor([distinct[tuple(p)][0] for p in prompts], device=device)  # (B,)
-        first_rows = torch.tensor([b for _, b in distinct.values()], device=device)  # (U,)
-        cache = KVCache(self.config, len(first_rows), Tp + max_new_tokens, device, self.transformer.wte.weight.dtype)
-        # logits at the last column only (left padding puts every prompt's last token there): the
-        # (U, Tp, V) logits of whole long prompts under GPT-2's vocabulary would take gigabytes
-        hidden = self.hidden_states(tokens[first_rows, :Tp], attention_mask[first_rows, :Tp], kv_cache=cache)
-        logits = self.lm_head(hidden[:, -1])  # (U, V)
-        logits = logits[prompt_of_row]  # (B, V)
-        cache.take_rows(prompt_of_row)
-        next_pos = position_ids_from_mask(attention_mask[:, :Tp])[:, -1] + 1  # (B,)
-        # The rows still in the batch (and in the cache). Once a quarter of them have ended, the ended
-        # ones leave it: the longest answer of the batch then does not keep every short one computing.
-        rows = torch.arange(B, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)  # for each of those rows
-        n = Tp
-        for t in range(Tp, Tp + max_new_tokens):
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
-            next_token = torch.where(finished, eos_id, next_token)
-            tokens[rows, t] = next_token
-            answer_mask[rows, t] = (~finished).long()
-            attention_mask[rows, t] = 1  # ended rows too: their tail is masked by answer_mask, not here
-            finished |= next_token == eos_id
-            n, ended = t + 1, int(finished.sum())  # a sync point, once per step
-            if ended == len(rows) or t + 1 == Tp + max_new_tokens:
-                break
-            if 4 * ended >= len(rows):
-                keep = ~finished
-                rows, finished, next_token, next_pos = rows[keep], finished[keep], next_token[keep], next_pos[keep]
-                cache.take_rows(keep)
-            logits = self(next_token[:, None], attention_mask[rows, : t + 1], next_pos[:, None], cache)[:, -1]
-            next_pos += 1
-        attention_mask[:, Tp:] = answer_mask[:, Tp:]  # the EOS padding after a finished answer is not real
-        return tokens[:, :n], attention_mask[:, :n], answer_mask[:, :n]
 
 
 # -----------------------------------------------------------------------------
@@ -368,9 +288,8 @@ class ScalarHead(nn.Module):
     def __init__(self, n_embd):
         super().__init__()
         self.proj = nn.Linear(n_embd, 1)
-        # Zero-initialised: the head starts at exactly 0 for every input, so the first Bradley-Terry
-        # loss is log 2 (no pair preferred) and the first value estimate is 0 (no expected return yet);
-        # the gradient of a zero-initialised final layer is still non-zero, since it is the hidden state.
+        # Zero-initialised: the first Bradley-Terry loss is log 2 (no pair preferred) and the first value 0 (no
+        # expected return yet); the gradient is still non-zero, since it is the hidden state.
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -457,6 +376,59 @@ class KVCache:
         self.k, self.v = k, v
 
 
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None, top_p=None, seed=None):
+    """Sample answers from a GPT for a batch of prompts (lists of token ids, any lengths) with a KV cache.
+
+    Prompts are left-padded so that every row's next token is at the same column. Each row stops at its own
+    EOS, after which it is filled with EOS, masked out, and soon leaves the batch. temperature=0 is greedy;
+    top_k and top_p as in sample_next_token. Returns (tokens, attention_mask, answer_mask), each (B, Tp + n):
+    answer_mask is 1 exactly on the generated tokens, the EOS that ended a row included (an action too);
+    attention_mask is 1 on the prompt and the answer, so the last 1 of a row is its last real token."""
+    check_sampling(temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (there is no state to continue)")
+    B, Tp = len(prompts), max(len(p) for p in prompts)
+    if max_new_tokens < 1 or Tp + max_new_tokens > model.config.block_size:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be at least 1, and the prompt ({Tp}) + "
+                         f"max_new_tokens at most block_size={model.config.block_size}")
+    device = model.transformer.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    tokens = torch.full((B, Tp + max_new_tokens), eos_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(B, Tp + max_new_tokens, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, Tp - len(p) : Tp] = torch.tensor(p, dtype=torch.long)
+        attention_mask[b, Tp - len(p) : Tp] = 1
+    answer_mask = torch.zeros_like(attention_mask)
+
+    # prefill: the prompts in one pass (each distinct prompt once), then one position per step
+    logits, cache = prefill_once_per_prompt(model, prompts, tokens[:, :Tp], attention_mask[:, :Tp], Tp + max_new_tokens)
+    next_pos = position_ids_from_mask(attention_mask[:, :Tp])[:, -1] + 1  # (B,)
+    # the rows still in the batch (and the cache): once a quarter of them have ended, the ended ones leave,
+    # so that the longest answer does not keep every short one computing
+    rows = torch.arange(B, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # for each of those rows
+    n = Tp
+    for t in range(Tp, Tp + max_new_tokens):
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
+        next_token = torch.where(finished, eos_id, next_token)
+        tokens[rows, t] = next_token
+        answer_mask[rows, t] = (~finished).long()
+        attention_mask[rows, t] = 1  # ended rows too: their tail is masked by answer_mask, not here
+        finished |= next_token == eos_id
+        n, ended = t + 1, int(finished.sum())  # a sync point, once per step
+        if ended == len(rows) or t + 1 == Tp + max_new_tokens:
+            break
+        if 4 * ended >= len(rows):
+            keep = ~finished
+            rows, finished, next_token, next_pos = rows[keep], finished[keep], next_token[keep], next_pos[keep]
+            cache.take_rows(keep)
+        logits = model(next_token[:, None], attention_mask[rows, : t + 1], next_pos[:, None], cache)[:, -1]
+        next_pos += 1
+    attention_mask[:, Tp:] = answer_mask[:, Tp:]  # the EOS padding after a finished answer is not real
+    return tokens[:, :n], attention_mask[:, :n], answer_mask[:, :n]
+
+
 def check_sampling(temperature, top_k=None, top_p=None):
     """ValueError for settings that cannot sample."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -492,31 +464,3 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]  # (B, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)  # (B,)
-
-
-# Rows per generate() call: on a CPU one decoding step of a few rows of the tiny model is mostly overhead,
-# so many rows go at once; the KV cache (every layer's keys and values for each row) bounds it for big
-# models and long prompts.
-SAMPLE_ROWS, SAMPLE_CACHE_BYTES = 1024, 2**30
-
-
-@torch.no_grad()
-def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, seed=0, batch_size=None,
-                   on_batch=None):
-    """Answers for a list of prompts (token ids), batch_size prompts per generate() call (None: up to
-    SAMPLE_ROWS, fewer when their KV cache would pass SAMPLE_CACHE_BYTES): a list of token-id lists,
-    each with the EOS that ended it (an answer cut at max_new_tokens has none).
-    on_batch(n), if given, is called with the number of answers done after each call (a progress bar)."""
-    if batch_size is None:
-        c, longest = model.config, max(map(len, prompt_ids), default=0) + max_new_tokens
-        row_bytes = 2 * c.n_layer * c.n_embd * longest * model.transformer.wte.weight.element_size()  # keys + values
-        batch_size = max(1, min(SAMPLE_ROWS, SAMPLE_CACHE_BYTES // row_bytes))
-    answers = []
-    for start in range(0, len(prompt_ids), batch_size):
-        tokens, _, answer_mask = model.generate(prompt_ids[start : start + batch_size], max_new_tokens, eos_id,
-                                                temperature=temperature, seed=seed + start)
-        answers += [[t for t, keep in zip(row, mask) if keep]
-                    for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
-        if on_batch:
-            on_batch(len(answers))
-    return answers

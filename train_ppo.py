@@ -40,13 +40,13 @@ import torch.nn.functional as F
 
 from kernels.logprob import IMPLS as LOGPROB_IMPLS
 from kernels.logprob import linear_logprobs
-from model import PolicyWithValue, last_token_index
-from support import task
-from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
-from support.data import DataError, Tokenizer, Truncation, decode_answers, encode_prompt, load_prompts
+from model import PolicyWithValue, generate, last_token_index
+from support.checkpoint import save_checkpoint
+from support.data import decode_answers
+from support.ppo_run import evaluate, load_checkpoints, log_iteration, prompt_sets, resume
 from support.training import (
-    MetricsLog, Progress, autocast, batch_indices, check, check_finite, check_flags, check_out_dir, fit_lengths, flag,
-    parse_args, pick_device, run,
+    MetricsLog, Progress, autocast, batch_indices, check, check_flags, check_out_dir, fit_lengths, flag, parse_args,
+    pick_device, run,
 )
 
 
@@ -55,28 +55,21 @@ class Config:
     """PPO: the SFT policy learns to please the reward model, held near the SFT reference by a KL penalty."""
 
     out_dir: str = flag("out/ppo", "folder for ckpt.pt, metrics.jsonl and samples.jsonl")
-    sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the frozen reference, and the initial policy (unless "
-                    "--policy)")
+    sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the frozen reference, and the policy (unless --policy)")
     policy: str = flag("", "the sft or ppo checkpoint the policy starts from (default: --sft): a later RLHF round "
                        "starts from the last round's policy, still held to the SFT reference (as InstructGPT)")
     reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it)")
-    data: str = flag("default", "'default' for the built-in task's prompts, or a JSONL with prompts (any of the data "
-                     "formats)")
+    data: str = flag("default", "'default' (the built-in task's prompts) or a JSONL of prompts, in any data format")
     n_prompts: int = flag(4000, "built-in task: training prompts drawn (with repeats) from its train split", min=1)
     iterations: int = flag(150, "PPO iterations: each one a rollout, then ppo_epochs of updates on it", min=1)
     prompts_per_iter: int = flag(32, "prompts per rollout", min=1)
-    samples_per_prompt: int = flag(2, "answers sampled per prompt (more comparisons of the same prompt per rollout)",
-                                   min=1)
-    max_prompt_tokens: int = flag(0, "prompts longer than this keep their last tokens (0: 3/4 of the block size)",
-                                  min=0)
+    samples_per_prompt: int = flag(2, "answers sampled per prompt", min=1)
+    max_prompt_tokens: int = flag(0, "a prompt keeps its last this many tokens (0: 3/4 of the block size)", min=0)
     max_new_tokens: int = flag(24, "longest answer; an answer cut here has no EOS and pays eos_penalty", min=1)
-    temperature: float = flag(1.0, "sampling temperature; the log-probs use the same one (the policy is "
-                              "softmax(z / T))", above=0)
-    # a leash strong enough to keep the KL near 1.5-2 nats, where gold gained most, and a step large enough that
-    # the unleashed run (kl_coef 0) finds its hack within 150 iterations (bench/RESULTS.md, "A stronger push and a
-    # stronger leash")
-    kl_coef: float = flag(0.2, "weight of the per-token KL penalty against the reference (the initial value if "
-                          "adaptive_kl)", min=0)
+    temperature: float = flag(1.0, "sampling temperature; the log-probs are those of softmax(z / T)", above=0)
+    # a leash that keeps the KL near 1.5-2 nats, where gold gained most, with a step large enough that the unleashed
+    # run (kl_coef 0) finds its hack in 150 iterations (bench/RESULTS.md, "A stronger push and a stronger leash")
+    kl_coef: float = flag(0.2, "weight of the per-token KL penalty (the first value if adaptive_kl)", min=0)
     adaptive_kl: bool = flag(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, section 2.2)")
     target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats", above=0)
     kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over", min=1)
@@ -84,25 +77,21 @@ class Config:
     reward_scaling: bool = flag(False, "divide scores by their running standard deviation")
     whiten_advantages: bool = flag(True, "normalise advantages to mean 0, std 1 over the rollout's answer tokens")
     gamma: float = flag(1.0, "discount; 1: a token early in the answer matters as much as a late one", min=0, max=1)
-    lam: float = flag(0.95, "GAE lambda: 1 = Monte Carlo returns (high variance), 0 = one-step TD (high bias)",
-                      min=0, max=1)
+    lam: float = flag(0.95, "GAE lambda: 1 Monte Carlo (high variance), 0 one-step TD (high bias)", min=0, max=1)
     ppo_epochs: int = flag(2, "passes over each rollout", min=1)
     minibatch_size: int = flag(32, "answers per PPO update", min=1)
     clip_eps: float = flag(0.2, "policy ratio clip range", above=0, below=1)
-    clip_value: float = flag(0.2, "value clip range around the rollout's values (its own coefficient, not clip_eps)",
-                             above=0)
+    clip_value: float = flag(0.2, "value clip range around the rollout's values (not clip_eps)", above=0)
     vf_coef: float = flag(0.5, "weight of the value loss", min=0)
     lr: float = flag(4e-4, "learning rate of policy and value head (constant)", above=0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", min=0)
     # an eval samples 256 answers, four rollouts' worth: every 25 iterations keeps it a small share of the run.
     # Its prompts and sampling seed are its own, so the interval changes no result.
     eval_interval: int = flag(25, "evaluate on held-out prompts and checkpoint every this many iterations", min=1)
-    eval_prompts: int = flag(256, "held-out prompts for the eval (gold score on the built-in task), sampled with a "
-                             "fixed seed: every eval of a run (and of runs with the same --seed) uses the same draws",
-                             min=1)
-    sample_interval: int = flag(10, "write a few (prompt, answer, reward, gold) samples every this many iterations",
-                                min=1)
-    logprob_impl: str = flag("auto", "per-token log-probs: 'auto' (Triton on CUDA), 'triton' or 'torch' (reference)",
+    eval_prompts: int = flag(256, "held-out prompts for the eval, sampled with a fixed seed: every eval of a run "
+                             "(and of runs with the same --seed) uses the same draws", min=1)
+    sample_interval: int = flag(10, "write a few samples to samples.jsonl every this many iterations", min=1)
+    logprob_impl: str = flag("auto", "per-token log-probs: 'auto' (Triton on CUDA), 'triton', 'torch'",
                              choices=LOGPROB_IMPLS)
     seed: int = flag(1337, "seed for prompt order and sampling", min=0, max=2**31 - 1)
     device: str = flag("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
@@ -132,11 +121,9 @@ def at_actions(x, action_mask):
 
 
 def action_logprobs(gpt, hidden, tokens, action_mask, temperature, impl):
-    """log pi(a_t | s_t) and the entropy of pi(. | s_t) at every action column t, each (B, T) fp32 with
-    zeros elsewhere, for any GPT (the policy or the reference) from its hidden states (B, T, C).
-
-    Only the N action states go through the LM head, and through the fused log-prob kernel (or its
-    PyTorch reference) when impl asks: the (B, T, V) logits never exist."""
+    """log pi(a_t | s_t) and the entropy of pi(. | s_t) at every action column t, each (B, T) fp32 with zeros
+    elsewhere, for any GPT (the policy or the reference) from its hidden states (B, T, C). Only the N action
+    states go through the LM head, in the fused log-prob kernel: the (B, T, V) logits never exist."""
     acts = action_mask[:, 1:].bool()  # (B, T-1): column t+1 holds an action taken in state t
     logp_acts, entropy_acts = linear_logprobs(hidden[:, :-1][acts], gpt.lm_head.weight, tokens[:, 1:][acts],
                                               temperature, impl=impl)  # (N,), (N,)
@@ -157,10 +144,9 @@ def policy_forward(model, tokens, attention_mask, action_mask, cfg):
 
 
 def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
-    """r_t = -kl_coef * (logp - logp_ref) on every action, plus the score on the last action.
-
-    logp - logp_ref is the sampled estimate of KL(pi || pi_ref) at that token: its expectation under
-    the policy is the KL. It lands only where the policy acted (not on the prompt, not on padding)."""
+    """r_t = -kl_coef * (logp - logp_ref) on every action, plus the score on the last action. logp - logp_ref is
+    the sampled estimate of KL(pi || pi_ref) at that token (its expectation under the policy is the KL); it
+    lands only where the policy acted (not on the prompt, not on padding)."""
     # exercise kl_rewards: kl = logp - logp_ref on the actions; rewards = -kl_coef * kl, + score at the last action
     kl = (logp - logp_ref) * action_mask  # (B, T)
     rewards = -kl_coef * kl
@@ -170,10 +156,8 @@ def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
 
 
 def gae(rewards, values, action_mask, gamma, lam):
-    """Advantages and returns by Generalised Advantage Estimation (Schulman et al. 2016), (B, T).
-
-    V(s) after the last action is 0: the episode ended. Walks backwards over the columns; positions
-    outside the answer stay 0."""
+    """Advantages and returns by Generalised Advantage Estimation (Schulman et al. 2016), (B, T). V(s) after
+    the last action is 0: the episode ended. Walks backwards over the columns; off the answer stays 0."""
     # exercise gae: from the last column back: delta_t, A_t = delta_t + gamma lam A_t+1, zero off the mask
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -271,11 +255,9 @@ def explained_variance(values, returns, mask):
 
 @torch.no_grad()
 def exact_kl(policy, ref, hidden, hidden_ref, action_mask, temperature, chunk=1024):
-    """KL(pi(. | s_t) || pi_ref(. | s_t)) summed over the whole vocabulary at each action state, (B, T).
-
-    The penalty uses logp - logp_ref at the sampled token, an unbiased but noisy estimate of this; the
-    exact value, logged beside it, shows how noisy. It needs the full (N, V) logits, chunk rows at a time,
-    and only as a metric: no gradient goes through it."""
+    """KL(pi(. | s_t) || pi_ref(. | s_t)) summed over the whole vocabulary at each action state, (B, T): the
+    penalty's logp - logp_ref is an unbiased but noisy estimate of it, and this, logged beside it, shows how
+    noisy. It needs the full logits, chunk rows at a time, and only as a metric: no gradient goes through it."""
     acts = action_mask[:, 1:].bool()
     h, h_ref = hidden[:, :-1][acts], hidden_ref[:, :-1][acts]  # (N, C) each
     kl = []
@@ -327,72 +309,6 @@ def rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates
 
 
 # -----------------------------------------------------------------------------
-# Models, prompts, evaluation
-
-
-def load_models(cfg, device):
-    """(policy with a fresh value head, the frozen reference, the frozen reward model, the tokenizer)."""
-    sft_ckpt = load_checkpoint(cfg.sft, ("sft", "ppo"))
-    tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
-    sft_policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl)
-    start_policy = sft_policy
-    if cfg.policy:
-        policy_ckpt = load_checkpoint(cfg.policy, ("sft", "ppo"))
-        start_policy = policy_from_checkpoint(policy_ckpt, cfg.attn_impl)
-        if policy_ckpt["tokenizer"] != sft_ckpt["tokenizer"] or start_policy.config != sft_policy.config:
-            raise DataError(f"{cfg.policy} is not a model of the same shape and tokenizer as {cfg.sft}; pass a policy "
-                            "trained from it")
-    reward_ckpt = load_checkpoint(cfg.reward, "reward")
-    if reward_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
-        raise DataError(f"{cfg.reward} was trained with another tokenizer than {cfg.sft}; train the reward model "
-                        "from this SFT model (train_reward.py --sft)")
-    reward_model = model_from_checkpoint(reward_ckpt, cfg.attn_impl).to(device).eval().requires_grad_(False)
-    ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)
-    model = PolicyWithValue(sft_policy.config)
-    # the value head starts afresh: a policy from an earlier round brings no value head for this reward model
-    model.policy.load_state_dict(start_policy.state_dict())
-    # eval(): PPO's ratio compares the log-probs of the sampling policy and the updated one, and train-time
-    # noise (dropout, were a model to have it) would count as a change of the policy
-    return model.to(device).eval(), ref, reward_model, tok
-
-
-def prompt_sets(cfg, tok):
-    """(train prompts, their token ids, held-out prompts, their token ids), tokenized once."""
-    if cfg.data == "default":
-        train_prompts = task.make_prompts(cfg.n_prompts, "train", cfg.seed + 5)
-        eval_prompts = task.make_prompts(cfg.eval_prompts, "eval", cfg.seed + 6)
-    else:
-        train_prompts = load_prompts(cfg.data)
-        n_eval = min(cfg.eval_prompts, max(1, len(train_prompts) // 10))
-        train_prompts, eval_prompts = train_prompts[:-n_eval], train_prompts[-n_eval:]
-    if len(train_prompts) < cfg.prompts_per_iter:
-        raise DataError(f"{cfg.data}: {len(train_prompts)} prompts, fewer than --prompts_per_iter "
-                        f"{cfg.prompts_per_iter}")
-    trunc = Truncation(cfg.max_prompt_tokens, cfg.max_new_tokens)
-    train_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in train_prompts]
-    eval_ids = [encode_prompt(tok, p, trunc, cfg.data) for p in eval_prompts]
-    print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held-out, from {cfg.data}; {trunc.report()}")
-    return train_prompts, train_ids, eval_prompts, eval_ids
-
-
-@torch.no_grad()
-def evaluate(model, reward_model, tok, prompts, prompt_ids, cfg, device, step):
-    """The held-out eval: answers to the same prompts with the same sampling seed every time (the curve
-    moves only if the policy does), their mean reward-model score and, on the built-in task, gold score."""
-    answers, scores = [], []
-    for start in range(0, len(prompts), 128):
-        tokens, attention_mask, answer_mask = model.policy.generate(
-            prompt_ids[start : start + 128], cfg.max_new_tokens, tok.eos_id, cfg.temperature, seed=cfg.seed + 7 + start)
-        answers += decode_answers(tok, tokens, answer_mask)
-        with autocast(device):
-            scores += reward_model(tokens, attention_mask).float().tolist()
-    metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
-    if cfg.data == "default":  # no gold judge for outside data
-        metrics["eval_gold"] = sum(task.gold_score(p, a) for p, a in zip(prompts, answers)) / len(answers)
-    return metrics
-
-
-# -----------------------------------------------------------------------------
 # The training run
 
 
@@ -402,8 +318,14 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
 
-    # ---- the models: policy + value head (trained), reference (frozen), reward model (frozen); the prompts ----
-    model, ref, reward_model, tok = load_models(cfg, device)
+    # ---- the models: the policy with a value head (trained), the reference and the reward model (frozen) ----
+    sft_policy, start_policy, reward_model, tok = load_checkpoints(cfg, device)
+    ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)  # pi_ref: a frozen copy of the SFT model
+    model = PolicyWithValue(sft_policy.config)  # the value head starts afresh (a policy of an earlier round has none)
+    model.policy.load_state_dict(start_policy.state_dict())
+    # eval(): PPO's ratio compares the log-probs of the sampling policy and the updated one, and train-time
+    # noise (dropout, were a model to have it) would count as a change of the policy
+    model.to(device).eval()
     cfg = fit_lengths(cfg, model.config.block_size, "max_new_tokens")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     score_std = RunningStd()
@@ -424,8 +346,8 @@ def main(cfg):
         t0 = time.time()
         rows = batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed)
         rows = [i for i in rows for _ in range(cfg.samples_per_prompt)]
-        tokens, attention_mask, answer_mask = model.policy.generate(
-            [train_ids[i] for i in rows], cfg.max_new_tokens, tok.eos_id, cfg.temperature, seed=cfg.seed * 1000 + it)
+        tokens, attention_mask, answer_mask = generate(model.policy, [train_ids[i] for i in rows], cfg.max_new_tokens,
+                                                       tok.eos_id, cfg.temperature, seed=cfg.seed * 1000 + it)
         gen_time = time.time() - t0
         action_mask = answer_mask.float()
 
@@ -488,34 +410,6 @@ def main(cfg):
                 print(f"  {p!r} -> {a!r} (reward {s:.2f})")
     progress.close()
     return model, ref
-
-
-def resume(ckpt_path, model, optimizer, score_std):
-    """Everything a stopped run needs to continue as if it had never stopped: the weights, the optimizer and
-    the running score scale from its checkpoint. Returns (the iteration to start at, the KL coefficient)."""
-    ckpt = load_checkpoint(ckpt_path, "ppo")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    vars(score_std).update(ckpt["extra"]["score_std"])
-    print(f"resuming {ckpt_path} at iteration {ckpt['step']}")
-    return ckpt["step"], ckpt["extra"]["kl_coef"]
-
-
-def log_iteration(log, samples_log, progress, record, prompts, answers, scores, cfg):
-    """The iteration's metrics (with the gold score of its answers on the built-in task) into metrics.jsonl
-    and the progress bar; every sample_interval, the first answer to each of four prompts into samples.jsonl."""
-    gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
-    if gold is not None:
-        record["gold"] = sum(gold) / len(gold)
-    check_finite(record["policy_loss"] + record["value_loss"], f"the PPO loss at iteration {record['step']}",
-                 "lower --lr and start again")
-    log.write(record)
-    progress.update(record["step"], reward=record["reward"], gold=record.get("gold", float("nan")), kl=record["kl"],
-                    clip=record["clip_frac"])
-    if record["step"] % cfg.sample_interval == 0 or record["step"] == cfg.iterations:
-        for i in range(0, min(len(answers), 4 * cfg.samples_per_prompt), cfg.samples_per_prompt):
-            samples_log.write({"step": record["step"], "prompt": prompts[i], "answer": answers[i],
-                               "reward": scores[i], "gold": gold[i] if gold is not None else None})
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from model import GPT, PRESETS, config_from_preset, sample_answers
+from model import GPT, PRESETS, config_from_preset
 from support import task
 from support.checkpoint import load_checkpoint, policy_from_checkpoint, save_checkpoint
 from support.data import DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch
 from support.errors import LoadError
 from support.gpt2 import load_gpt2_weights
+from support.sampling import sample_answers
 from support.training import (
     MetricsLog, Progress, adamw, autocast, batch_indices, check, check_finite, check_flags, check_out_dir, fit_lengths,
     flag, parse_args, pick_device, run, set_lr, warmup_cosine,

@@ -13,8 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_reward  # noqa: E402
-from support.data import Tokenizer, Truncation  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
+from support.comparisons import task_comparisons  # noqa: E402
+from support.data import Tokenizer, Truncation  # noqa: E402
 from support.training import parse_args, run  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def main(argv=None):
     cfg.seed = first["seed"]
     cfg.max_prompt_tokens, cfg.max_answer_tokens = first["max_prompt_tokens"], first["max_answer_tokens"]
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    groups = train_reward.task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+    groups = task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
     n_pairs = len(train_reward.comparison_pairs(groups)[0])
     print(f"{len(groups)} held-out prompts, {n_pairs} pairs of the SFT policy's answers")
     for path in argv[1:]:

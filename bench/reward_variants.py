@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support import task  # noqa: E402
 import train_reward as tr  # noqa: E402
-from support.data import Tokenizer, Truncation  # noqa: E402
 from model import RewardModel  # noqa: E402
+from support import task  # noqa: E402
 from support.checkpoint import load_checkpoint, policy_from_checkpoint  # noqa: E402
+from support.comparisons import task_comparisons  # noqa: E402
+from support.data import Tokenizer, Truncation  # noqa: E402
 from support.training import adamw, batch_indices, parse_args, run, set_lr, warmup_cosine  # noqa: E402
 
 
@@ -115,8 +116,8 @@ def main():
     else:
         t0 = time.time()
         trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-        train_groups = tr.task_comparisons([policy], tok, cfg.n_train, "train", cfg.seed + 2, trunc, cfg)
-        eval_groups = tr.task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+        train_groups = task_comparisons([policy], tok, cfg.n_train, "train", cfg.seed + 2, trunc, cfg)
+        eval_groups = task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
         pickle.dump({"made_by": made_by, "n_train": cfg.n_train, "train": train_groups, "eval": eval_groups},
                     open(cache, "wb"))
         print(f"comparisons sampled and ranked in {time.time() - t0:.0f}s, cached in {cache}", flush=True)

@@ -30,9 +30,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support.data import Tokenizer  # noqa: E402
 from model import attention_mask_allowed  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
+from support.data import Tokenizer  # noqa: E402
 
 
 def read_log(path):
@@ -84,6 +84,7 @@ def reward_distributions(run, n=256):
     """Rewards of the labellers' preferred and rejected answers to held-out prompts of the built-in task
     (the SFT policy's own answers, ranked as train_reward.py ranks them), from the checkpoint."""
     import train_reward
+    from support.comparisons import task_comparisons
     from support.data import Truncation
 
     ckpt = load_checkpoint(Path(run) / "reward" / "ckpt.pt", "reward")
@@ -92,7 +93,7 @@ def reward_distributions(run, n=256):
     model = model_from_checkpoint(ckpt).eval()
     policy = policy_from_checkpoint(load_checkpoint(Path(run) / "sft" / "ckpt.pt", ("sft", "ppo"))).eval()
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    groups = train_reward.task_comparisons([policy], tok, n, "eval", cfg.seed + 3, trunc, cfg)
+    groups = task_comparisons([policy], tok, n, "eval", cfg.seed + 3, trunc, cfg)
     better, worse, _ = train_reward.comparison_pairs(groups)
     rewards = train_reward.raw_rewards(model, groups, tok.eos_id, cfg.batch_size, torch.device("cpu")) - model.offset
     return rewards[better], rewards[worse]

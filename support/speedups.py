@@ -1,5 +1,5 @@
 """
-Two ways to compute what model.py computes, with less work. Each gives the numbers of the plain path up
+Three ways to compute what model.py computes, with less work. Each gives the numbers of the plain path up
 to float rounding, and a test checks it (tests/test_model.py, tests/test_reward.py).
 
 1. Real tokens only (real_tokens_forward). A padded batch of the built-in task is about 30% padding, and
@@ -14,6 +14,9 @@ to float rounding, and a test checks it (tests/test_model.py, tests/test_reward.
    once; their keys and values then serve every answer that continues them, and the answers run sorted by
    length in a few slices, so that a short one is not padded to the longest: a reward-model step costs
    about a third less than running every answer with its own copy of its prompt (bench/RESULTS.md).
+
+3. One prefill per prompt (prefill_once_per_prompt). PPO and the labellers sample K answers to each
+   prompt: model.generate runs each distinct prompt once and copies its KV cache for the K rows.
 """
 
 import torch
@@ -108,3 +111,27 @@ def answer_rewards(model, groups, pad_id, device, length_buckets=1):
             hidden = prompts.continue_with(model.transformer, rows[bucket.to(device)], idx, mask)  # (n, Ta, C)
             rewards.append(model.read_reward(hidden, mask).float())
     return torch.cat(rewards)[order.argsort().to(device)]  # back in batch order
+
+
+# -----------------------------------------------------------------------------
+# 3. One prefill per prompt
+
+
+def prefill_once_per_prompt(model, prompts, tokens, attention_mask, max_len):
+    """generate's prefill of the left-padded prompts tokens (B, Tp): (the logits after each row's last prompt
+    token (B, V), a model.KVCache of max_len positions holding every row's prompt). Each distinct prompt runs
+    once, and its cache is copied for every row that continues it."""
+    from model import KVCache
+
+    distinct = {}  # prompt -> (its number, its first row)
+    for b, p in enumerate(prompts):
+        distinct.setdefault(tuple(p), (len(distinct), b))
+    prompt_of_row = torch.tensor([distinct[tuple(p)][0] for p in prompts], device=tokens.device)  # (B,)
+    first_rows = torch.tensor([b for _, b in distinct.values()], device=tokens.device)  # (U,)
+    cache = KVCache(model.config, len(first_rows), max_len, tokens.device, model.transformer.wte.weight.dtype)
+    hidden = model.hidden_states(tokens[first_rows], attention_mask[first_rows], kv_cache=cache)  # (U, Tp, C)
+    # logits at the last column only (left padding puts every prompt's last token there): the (U, Tp, V)
+    # logits of whole long prompts under GPT-2's vocabulary would take gigabytes
+    logits = model.lm_head(hidden[:, -1])[prompt_of_row]  # (B, V)
+    cache.take_rows(prompt_of_row)
+    return logits, cache

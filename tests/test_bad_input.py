@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, SHARED_DATA
 
-from model import GPT, GPTConfig, check_sampling, sample_next_token
+from model import GPT, GPTConfig, check_sampling, generate, sample_next_token
 from support.errors import LoadError
 from support.gpt2 import load_gpt2_weights
 
@@ -302,9 +302,9 @@ def test_sampling_settings_are_checked():
             check_sampling(**{"temperature": 1.0, **kwargs})
     model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=1, n_embd=32)).eval()
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
-        model.generate([[1, 2], []], 3, eos_id=10)
+        generate(model, [[1, 2], []], 3, eos_id=10)
     with pytest.raises(ValueError, match="top_k"):
-        model.generate([[1, 2]], 3, eos_id=10, top_k=0)
+        generate(model, [[1, 2]], 3, eos_id=10, top_k=0)
 
 
 def test_tiny_temperature_is_greedy_and_finite():

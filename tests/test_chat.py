@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from model import GPT, GPTConfig, PolicyWithValue, RewardModel
+from model import GPT, GPTConfig, PolicyWithValue, RewardModel, generate
 from support import task
 from support.checkpoint import save_checkpoint
 from support.data import Tokenizer
@@ -51,7 +51,7 @@ def test_stream_answer_is_generate():
     model = GPT(GPTConfig(block_size=48, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
     prompt = torch.randint(0, 100, (13,)).tolist()
     for temperature, top_k, top_p in ((1.0, None, None), (0.8, 20, 0.9), (0, None, None)):
-        tokens, _, answer_mask = model.generate([prompt], 20, eos_id=100, temperature=temperature, top_k=top_k,
+        tokens, _, answer_mask = generate(model, [prompt], 20, eos_id=100, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, seed=5)
         expected = [t for t, keep in zip(tokens[0].tolist(), answer_mask[0].tolist()) if keep]
         streamed = list(stream_answer(model, prompt, 20, 100, temperature, top_k, top_p,

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from model import (
-    GPT, GPTConfig, PolicyWithValue, RewardModel, attention_naive, attention_sdpa, config_from_preset,
-    kv_start_from_mask, last_token_index, position_ids_from_mask, sample_answers,
+    GPT, GPTConfig, PolicyWithValue, RewardModel, attention_naive, attention_sdpa, config_from_preset, generate,
+    kv_start_from_mask, last_token_index, position_ids_from_mask,
 )
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
 from support.errors import LoadError
 from support.gpt2 import load_gpt2_weights, read_safetensors
+from support.sampling import sample_answers
 from support.speedups import real_tokens_forward
 
 transformers = pytest.importorskip("transformers",
@@ -104,7 +105,7 @@ def tiny_gpt(seed=0, **kw):
 def test_kv_cache_generation_equals_cache_free_greedy():
     model = tiny_gpt()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22]]
-    tokens, attn, answer = model.generate(prompts, max_new_tokens=12, eos_id=96, temperature=0)
+    tokens, attn, answer = generate(model, prompts, max_new_tokens=12, eos_id=96, temperature=0)
     Tp = 7
     # cache-free greedy decoding, one row at a time, no padding at all
     for b, p in enumerate(prompts):
@@ -129,7 +130,7 @@ def test_rows_that_end_leave_the_batch_without_changing_the_others():
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(10)
     prompts = [[(7 * i) % 90 + j for j in range(1 + i % 4)] for i in range(16)]
-    free = [model.generate([p], 16, eos_id=96, temperature=0)[0][0, len(p):].tolist() for p in prompts]
+    free = [generate(model, [p], 16, eos_id=96, temperature=0)[0][0, len(p):].tolist() for p in prompts]
     # the end token: the one whose first appearance is spread over the most different steps of the rows
     firsts = {}
     for b, row in enumerate(free):
@@ -139,9 +140,9 @@ def test_rows_that_end_leave_the_batch_without_changing_the_others():
     ends = sorted(firsts[eos].values())
     assert len(set(ends)) >= 3 and 4 * sum(e < max(ends) for e in ends) >= len(prompts), ends
     prompts += [prompts[5], prompts[0], prompts[5]]  # one prompt's prefill shared by three rows, one by two
-    tokens, _, answer = model.generate(prompts, 16, eos_id=eos, temperature=0)
+    tokens, _, answer = generate(model, prompts, 16, eos_id=eos, temperature=0)
     for b, p in enumerate(prompts):
-        alone, _, alone_answer = model.generate([p], 16, eos_id=eos, temperature=0)
+        alone, _, alone_answer = generate(model, [p], 16, eos_id=eos, temperature=0)
         assert tokens[b][answer[b].bool()].tolist() == alone[0][alone_answer[0].bool()].tolist()
 
 
@@ -151,9 +152,9 @@ def test_generation_stops_each_row_at_eos_and_is_reproducible():
         model.transformer.ln_f.bias.fill_(0.5)
         model.transformer.wte.weight[96] = 0.08
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8], [9]]
-    a = model.generate(prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=123)
-    b = model.generate(prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=123)
-    c = model.generate(prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=124)
+    a = generate(model, prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    b = generate(model, prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    c = generate(model, prompts, 20, eos_id=96, temperature=1.0, top_k=50, top_p=0.9, seed=124)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     tokens, _, answer = a
@@ -171,14 +172,14 @@ def test_sample_answers_batches_are_the_generate_calls_and_report_progress():
     done = []
     answers = sample_answers(model, prompts, 6, eos_id=96, seed=5, batch_size=2, on_batch=done.append)
     assert done == [2, 4, 5]  # answers finished after each batch: what the reward stage's progress bar shows
-    tokens, _, mask = model.generate(prompts[2:4], 6, eos_id=96, seed=5 + 2)
+    tokens, _, mask = generate(model, prompts[2:4], 6, eos_id=96, seed=5 + 2)
     assert answers[2:4] == [[t for t, m in zip(row, keep) if m] for row, keep in zip(tokens.tolist(), mask.tolist())]
 
 
 def test_top_k_1_is_greedy():
     model = tiny_gpt()
-    greedy = model.generate([[1, 2, 3]], 8, eos_id=96, temperature=0)[0]
-    top1 = model.generate([[1, 2, 3]], 8, eos_id=96, temperature=1.0, top_k=1, seed=0)[0]
+    greedy = generate(model, [[1, 2, 3]], 8, eos_id=96, temperature=0)[0]
+    top1 = generate(model, [[1, 2, 3]], 8, eos_id=96, temperature=1.0, top_k=1, seed=0)[0]
     assert torch.equal(greedy, top1)
 
 
@@ -396,13 +397,13 @@ def test_config_switches_that_change_the_maths_match_huggingface(tmp_path, switc
     assert ours.lm_head.weight.data_ptr() != ours.transformer.wte.weight.data_ptr() or config.tie_word_embeddings
 
 
-def test_auto_attention_falls_back_to_sdpa_for_head_sizes_the_kernel_lacks(capsys):
+def test_auto_attention_falls_back_to_sdpa_for_head_sizes_the_kernel_lacks():
     from model import resolve_attn_impl
 
     cuda = torch.device("cuda")  # only its type is read: no GPU needed
     assert resolve_attn_impl("auto", cuda, 64) == "triton"
-    assert resolve_attn_impl("auto", cuda, 48) == "sdpa" and resolve_attn_impl("auto", cuda, 48) == "sdpa"
-    assert capsys.readouterr().out.count("using PyTorch's SDPA instead") <= 1  # said once per process
+    with pytest.warns(UserWarning, match="using PyTorch's SDPA instead"):
+        assert resolve_attn_impl("auto", cuda, 48) == "sdpa"
     assert resolve_attn_impl("auto", torch.device("cpu"), 64) == "sdpa"
     # asked for by name, a head size the kernel lacks is refused when the model is built, not at its first step
     with pytest.raises(ValueError, match="head sizes"):

@@ -11,7 +11,8 @@ from support.data import GPT2_EOS, Tokenizer, Truncation
 from model import GPTConfig, RewardModel
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.errors import LoadError
-from train_reward import Config, bradley_terry_loss, comparison_pairs, file_comparisons, reward_batch
+from support.comparisons import file_comparisons, task_comparisons
+from train_reward import Config, bradley_terry_loss, comparison_pairs, reward_batch
 
 
 def test_bradley_terry_loss_equals_hand_computation():
@@ -112,7 +113,7 @@ def test_offset_makes_the_sft_answers_average_zero(reward_run, sft_run):
     cfg.max_prompt_tokens = ckpt["train_args"]["max_prompt_tokens"]
     cfg.max_answer_tokens = ckpt["train_args"]["max_answer_tokens"]
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    own = train_reward.task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
+    own = task_comparisons([policy], tok, cfg.n_eval, "eval", cfg.seed + 3, trunc, cfg)
     with torch.no_grad():
         rewards = train_reward.raw_rewards(rm, own, tok.eos_id, cfg.batch_size, torch.device("cpu")) - rm.offset
     assert rewards.mean().item() == pytest.approx(0.0, abs=1e-4)

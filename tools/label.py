@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py and support/ are one folder up
-from model import sample_answers
 from support import task
 from support.checkpoint import load_checkpoint, policy_from_checkpoint
 from support.data import Tokenizer, Truncation, encode_prompt, load_preferences, load_prompts, read_jsonl
+from support.sampling import sample_answers
 from support.errors import UsageError
 from support.training import check, check_flags, flag, parse_args, pick_device, run
 

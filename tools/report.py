@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))  # the stage scripts, model.py and support/ are on
 import train_ppo
 import train_reward
 import train_sft
+from model import generate
 from support import task
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint
 from support.data import Tokenizer, decode_answers
@@ -306,7 +307,7 @@ def before_after(out, ckpts, n_prompts):
     answers = {}
     for stage, ckpt in policies.items():
         policy = policy_from_checkpoint(ckpt).eval()
-        tokens, attention_mask, answer_mask = policy.generate(prompt_ids, max_new_tokens, tok.eos_id, temperature,
+        tokens, attention_mask, answer_mask = generate(policy, prompt_ids, max_new_tokens, tok.eos_id, temperature,
                                                               seed=seed)
         scores = reward_model(tokens, attention_mask).tolist()  # read at each answer's last token, as PPO does
         answers[stage] = list(zip(decode_answers(tok, tokens, answer_mask), scores))
