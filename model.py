@@ -401,8 +401,11 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None
         attention_mask[b, Tp - len(p) : Tp] = 1
     answer_mask = torch.zeros_like(attention_mask)
 
-    # prefill: the prompts in one pass (each distinct prompt once), then one position per step
-    logits, cache = prefill_once_per_prompt(model, prompts, tokens[:, :Tp], attention_mask[:, :Tp], Tp + max_new_tokens)
+    # prefill: the prompts in one pass (each distinct prompt once, its cache then copied for each of its rows),
+    # then one position per step
+    cache = KVCache(model.config, len(set(map(tuple, prompts))), Tp + max_new_tokens, device,
+                    model.transformer.wte.weight.dtype)
+    logits = prefill_once_per_prompt(model, prompts, tokens[:, :Tp], attention_mask[:, :Tp], cache)  # (B, V)
     next_pos = position_ids_from_mask(attention_mask[:, :Tp])[:, -1] + 1  # (B,)
     # the rows still in the batch (and the cache): once a quarter of them have ended, the ended ones leave,
     # so that the longest answer does not keep every short one computing

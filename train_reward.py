@@ -99,7 +99,7 @@ class Config:
     policy: str = flag("", "built-in task: the sft or ppo checkpoint(s) whose samples are ranked, comma-separated, "
                        "sharing each prompt's K answers (default: --sft); the first one's answers score 0 on average")
     extra_data: str = flag("", "more comparisons to train on, comma-separated JSONL files: earlier rounds' "
-                           "comparisons.jsonl, label.py's labels")
+                           "comparisons.jsonl, tools/label.py's labels")
     init: str = flag("", "a reward checkpoint to start from instead of the SFT weights (a later round: the last "
                      "round's reward model)")
 

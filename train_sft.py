@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from model import GPT, PRESETS, config_from_preset
 from support import task
 from support.checkpoint import load_checkpoint, policy_from_checkpoint, save_checkpoint
-from support.data import DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch
+from support.data import (
+    DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch, train_and_eval,
+)
 from support.errors import LoadError
 from support.gpt2 import load_gpt2_weights
 from support.sampling import sample_answers
@@ -174,12 +176,7 @@ def load_data(cfg, tok):
         eval_rows = task.demonstrations(cfg.n_eval, "eval", cfg.seed)
         eval_prompts = task.make_prompts(cfg.eval_prompts, "eval", cfg.seed + 1)
     else:
-        train_rows = load_demonstrations(cfg.data)
-        if cfg.eval_data:
-            eval_rows = load_demonstrations(cfg.eval_data, "--eval_data")
-        else:
-            n_eval = max(1, len(train_rows) // 10)
-            train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
+        train_rows, eval_rows = train_and_eval(load_demonstrations, cfg.data, cfg.eval_data)
         eval_prompts = []  # no gold judge for outside data: the eval loss is the measure
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     train = [encode_example(tok, r["prompt"], r["response"], trunc, cfg.data) for r in train_rows]

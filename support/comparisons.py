@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from support import task
-from support.data import DataError, Truncation, encode_answer, encode_prompt, load_preferences
+from support.data import DataError, Truncation, encode_answer, encode_prompt, load_preferences, train_and_eval
 from support.sampling import sample_answers
 from support.training import Progress
 
@@ -104,12 +104,7 @@ def load_comparisons(cfg, tok, policies, extra_records):
               f"saved in {cfg.out_dir}/comparisons.jsonl; on held-out pairs the labels agree with the gold judge "
               f"{agree:.1%} of the time")
     else:
-        train_records = load_preferences(cfg.data)
-        if cfg.eval_data:
-            eval_records = load_preferences(cfg.eval_data, "--eval_data")
-        else:
-            n_eval = max(1, len(train_records) // 10)
-            train_records, eval_records = train_records[:-n_eval], train_records[-n_eval:]
+        train_records, eval_records = train_and_eval(load_preferences, cfg.data, cfg.eval_data)
         train_groups = file_comparisons(train_records, tok, trunc, cfg.data)
         eval_groups = file_comparisons(eval_records, tok, trunc, cfg.eval_data or cfg.data)
     for path, records in extra_records.items():

@@ -8,7 +8,7 @@ Formats read (one JSON object per line, UTF-8; blank lines are skipped):
     (and any preference format below: SFT takes its chosen answers)
     preferences      {"prompt", "chosen", "rejected"[, "chosen_score", "rejected_score"]} -> reward model
     rankings         {"prompt", "answers": [best first, ...][, "scores": [...]]}           -> reward model
-                     (label.py's ties and skips, with "tie" or "skip": true, are skipped)
+                     (tools/label.py's ties and skips, with "tie" or "skip": true, are skipped)
     HH-RLHF          {"chosen", "rejected"}: full dialogues, split at the last "\n\nAssistant:"
     TL;DR compared   {"info": {...}, "summaries": [{"text"}, {"text"}], "choice": 0 | 1}
 Every record becomes a dict with the generic keys (prompt/response, or prompt/answers best-first).
@@ -84,6 +84,7 @@ class Tokenizer:
     def __init__(self, table=None):
         self.bpe = gpt2_bpe()
         self.table = None if table is None else list(table)
+        self.spelled = []  # words read with encode(spell=True) that the table has no token for
         if self.table is None:
             self.vocab_size, self.eos_id = self.bpe.n_vocab, GPT2_EOS
         else:
@@ -91,7 +92,6 @@ class Tokenizer:
             self.vocab_size, self.eos_id = len(self.table), self.compact_id[GPT2_EOS]
             self.compact_bytes = {self.bpe.decode_single_token_bytes(t): i for i, t in enumerate(self.table)
                                   if t != GPT2_EOS}
-            self.spelled = []  # words read with encode(spell=True) that the table has no token for
             self.words = regex.compile(self.bpe._pat_str)  # how GPT-2 splits text into words (tiktoken needs regex)
 
     def encode(self, text, where="text", spell=False):
@@ -272,7 +272,7 @@ def split_dialogue(path, lineno, chosen, rejected, skipped):
 
 def _ranking(path, lineno, obj, skipped):
     """A K-wise ranking {prompt, answers best-first[, scores]}; None (and the line counted in `skipped`)
-    for a judgement with no order, {prompt, answers, "tie": true} or {..., "skip": true}, as label.py
+    for a judgement with no order, {prompt, answers, "tie": true} or {..., "skip": true}, as tools/label.py
     writes them so that a labelling session keeps its place in the file."""
     answers = obj["answers"]
     if not isinstance(answers, list) or len(answers) < 2 or not all(isinstance(a, str) for a in answers):
@@ -296,7 +296,7 @@ def _ranking(path, lineno, obj, skipped):
 def load_preferences(path, flag="--data"):
     """Reward-model data: generic {prompt, chosen, rejected[, scores]}, K-wise rankings, HH-RLHF
     dialogues, or TL;DR comparisons, each line recognised by its keys. Returns records
-    {"prompt", "answers" (best first)[, "scores"]}: a pair is a ranking of two. A tie or a skip (label.py)
+    {"prompt", "answers" (best first)[, "scores"]}: a pair is a ranking of two. A tie or a skip (tools/label.py)
     teaches no order and is skipped."""
     out, skipped = [], Skipped(path)
     for lineno, obj in read_jsonl(path, flag):
@@ -400,6 +400,16 @@ def load_prompts(path, flag="--data"):
     if not out:
         raise DataError(f"{path}: no usable prompts (every line was skipped)")
     return out
+
+
+def train_and_eval(load, path, eval_path=""):
+    """(training records, held-out records) of load(path): load(eval_path) for the held-out ones if an
+    --eval_data file is given, else the last 10% of path's records (at least one)."""
+    records = load(path)
+    if eval_path:
+        return records, load(eval_path, "--eval_data")
+    n_eval = max(1, len(records) // 10)
+    return records[:-n_eval], records[-n_eval:]
 
 
 # -----------------------------------------------------------------------------

@@ -117,21 +117,18 @@ def answer_rewards(model, groups, pad_id, device, length_buckets=1):
 # 3. One prefill per prompt
 
 
-def prefill_once_per_prompt(model, prompts, tokens, attention_mask, max_len):
-    """generate's prefill of the left-padded prompts tokens (B, Tp): (the logits after each row's last prompt
-    token (B, V), a model.KVCache of max_len positions holding every row's prompt). Each distinct prompt runs
-    once, and its cache is copied for every row that continues it."""
-    from model import KVCache
-
+def prefill_once_per_prompt(model, prompts, tokens, attention_mask, cache):
+    """generate's prefill of the left-padded prompts tokens (B, Tp) into cache, a model.KVCache with a row
+    for each distinct prompt: the logits after each row's last prompt token (B, V). Each distinct prompt runs
+    once, and its cache is then copied for every row that continues it, so the cache ends with B rows."""
     distinct = {}  # prompt -> (its number, its first row)
     for b, p in enumerate(prompts):
         distinct.setdefault(tuple(p), (len(distinct), b))
     prompt_of_row = torch.tensor([distinct[tuple(p)][0] for p in prompts], device=tokens.device)  # (B,)
     first_rows = torch.tensor([b for _, b in distinct.values()], device=tokens.device)  # (U,)
-    cache = KVCache(model.config, len(first_rows), max_len, tokens.device, model.transformer.wte.weight.dtype)
     hidden = model.hidden_states(tokens[first_rows], attention_mask[first_rows], kv_cache=cache)  # (U, Tp, C)
     # logits at the last column only (left padding puts every prompt's last token there): the (U, Tp, V)
     # logits of whole long prompts under GPT-2's vocabulary would take gigabytes
     logits = model.lm_head(hidden[:, -1])[prompt_of_row]  # (B, V)
     cache.take_rows(prompt_of_row)
-    return logits, cache
+    return logits

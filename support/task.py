@@ -346,7 +346,7 @@ def gold_score(prompt, answer):
 
 
 def gold_or_none(prompt, answer):
-    """gold_score on a prompt of this task, else None: the judge judges nothing else (chat.py, label.py)."""
+    """gold_score on a prompt of this task, else None: the judge judges nothing else (tools/chat.py, tools/label.py)."""
     try:
         parse_prompt(prompt)
     except ValueError:

@@ -11,7 +11,8 @@ from support.data import GPT2_EOS, Tokenizer, Truncation
 from model import GPTConfig, RewardModel
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.errors import LoadError
-from support.comparisons import file_comparisons, task_comparisons
+from conftest import SHARED_DATA
+from support.comparisons import file_comparisons, load_comparisons, task_comparisons
 from train_reward import Config, bradley_terry_loss, comparison_pairs, reward_batch
 
 
@@ -124,6 +125,16 @@ def test_wrong_stage_checkpoint_is_a_one_line_error(reward_run, tmp_path):
     bad = Config(out_dir=str(tmp_path), sft=str(out / "ckpt.pt"))
     with pytest.raises(LoadError, match="is a 'reward' checkpoint, but a 'sft'"):
         train_reward.main(bad)
+
+
+def test_a_preference_file_loads_for_a_model_with_gpt2_vocabulary(tmp_path):
+    """--data with a model of GPT-2's full vocabulary (no compact table, so nothing is ever spelled): the
+    comparisons of the file, split into train and held-out, each answer ending with EOS."""
+    cfg = Config(data=str(SHARED_DATA / "hh_rlhf_sample.jsonl"), out_dir=str(tmp_path), batch_size=2,
+                 max_prompt_tokens=96, max_answer_tokens=32)
+    train, held_out, _ = load_comparisons(cfg, Tokenizer(), [], {})
+    assert len(train) >= 2 and len(held_out) >= 1
+    assert all(len(g["answers"]) == 2 and len(g["prompt"]) <= 96 for g in train + held_out)
 
 
 def test_pair_accuracy_counts_a_tie_as_half():

@@ -33,7 +33,7 @@ compile of the kernels): they pass again once every exercise is written.
     python tools/coursework.py grade ../student                   # exercise | lecture topic | tests passed
     python tools/coursework.py grade ../student --exercises gae   # one exercise (comma-separated for several)
 
-COURSEWORK.md is the page for instructors.
+docs/coursework.md is the page for instructors.
 """
 
 import ast
