@@ -1,6 +1,7 @@
 """train_reward.py: the Bradley-Terry loss against a hand computation, the K-way pairs, the reward read
 at the EOS, a short run on the built-in task, the normalisation offset, and stage errors."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,6 @@ from support.data import GPT2_EOS, Tokenizer, Truncation
 from model import GPTConfig, RewardModel
 from support.checkpoint import load_checkpoint, model_from_checkpoint
 from support.errors import LoadError
-from conftest import SHARED_DATA
 from support.comparisons import file_comparisons, load_comparisons, task_comparisons
 from train_reward import Config, bradley_terry_loss, comparison_pairs, reward_batch
 
@@ -130,11 +130,15 @@ def test_wrong_stage_checkpoint_is_a_one_line_error(reward_run, tmp_path):
 def test_a_preference_file_loads_for_a_model_with_gpt2_vocabulary(tmp_path):
     """--data with a model of GPT-2's full vocabulary (no compact table, so nothing is ever spelled): the
     comparisons of the file, split into train and held-out, each answer ending with EOS."""
-    cfg = Config(data=str(SHARED_DATA / "hh_rlhf_sample.jsonl"), out_dir=str(tmp_path), batch_size=2,
-                 max_prompt_tokens=96, max_answer_tokens=32)
-    train, held_out, _ = load_comparisons(cfg, Tokenizer(), [], {})
-    assert len(train) >= 2 and len(held_out) >= 1
-    assert all(len(g["answers"]) == 2 and len(g["prompt"]) <= 96 for g in train + held_out)
+    lines = [{"chosen": f"\n\nHuman: Say {w}.\n\nAssistant: {w}!", "rejected": f"\n\nHuman: Say {w}.\n\nAssistant: No."}
+             for w in ("hello", "thanks", "yes", "maybe")]  # HH-RLHF dialogues
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = Config(data=str(data), out_dir=str(tmp_path), batch_size=2, max_prompt_tokens=96, max_answer_tokens=32)
+    tok = Tokenizer()
+    train, held_out, _ = load_comparisons(cfg, tok, [], {})
+    assert (len(train), len(held_out)) == (3, 1)
+    assert all(len(g["answers"]) == 2 and all(a[-1] == tok.eos_id for a in g["answers"]) for g in train + held_out)
 
 
 def test_pair_accuracy_counts_a_tie_as_half():
