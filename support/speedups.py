@@ -33,7 +33,7 @@ class RealTokens:
 
     def __init__(self, attention_mask):
         self.shape = attention_mask.shape  # (B, T)
-        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) flat positions of the real tokens
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) the real positions; a sync point
 
     def pack(self, x):
         """(B, T, D) -> (N, D), the real positions in row order."""
