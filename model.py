@@ -114,7 +114,7 @@ def resolve_attn_impl(attn_impl, device, head_size):
         return attn_impl
     from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
-    if device.type == "cuda" and head_size not in SUPPORTED_HEAD_DIMS:  # said once: warnings repeat nothing
+    if device.type == "cuda" and head_size not in SUPPORTED_HEAD_DIMS:  # said once: Python shows a warning once
         warnings.warn(f"attention: the Triton kernel takes head sizes {SUPPORTED_HEAD_DIMS}, not {head_size}; "
                       "using PyTorch's SDPA instead")
     return "triton" if device.type == "cuda" and head_size in SUPPORTED_HEAD_DIMS else "sdpa"

@@ -90,8 +90,9 @@ def reward_distributions(run, n=256):
     ckpt = load_checkpoint(Path(run) / "reward" / "ckpt.pt", "reward")
     cfg = train_reward.Config(**{**ckpt["train_args"], "n_eval": n})
     tok = Tokenizer.from_state(ckpt["tokenizer"])
-    model = model_from_checkpoint(ckpt).eval()
-    policy = policy_from_checkpoint(load_checkpoint(Path(run) / "sft" / "ckpt.pt", ("sft", "ppo"))).eval()
+    # attn_impl "auto": the figures run on the CPU, whichever attention the run trained with
+    model = model_from_checkpoint(ckpt, "auto").eval()
+    policy = policy_from_checkpoint(load_checkpoint(Path(run) / "sft" / "ckpt.pt", ("sft", "ppo")), "auto").eval()
     trunc = Truncation(cfg.max_prompt_tokens, cfg.max_answer_tokens)
     groups = task_comparisons([policy], tok, n, "eval", cfg.seed + 3, trunc, cfg)
     better, worse, _ = train_reward.comparison_pairs(groups)
@@ -239,7 +240,7 @@ def plot_attention(out, prompt="Human: Write a happy sentence about the sea.\n\n
                    answer=" The sea is calm and lovely.", layer=None, head=0):
     run = as_runs(out)[0]
     ckpt = load_checkpoint(run / "sft" / "ckpt.pt", "sft")
-    model = policy_from_checkpoint(ckpt).eval()
+    model = policy_from_checkpoint(ckpt, "auto").eval()  # on the CPU, whichever attention the run trained with
     layer = model.config.n_layer - 1 if layer is None else layer
     weights, labels = attention_pattern(model, Tokenizer.from_state(ckpt["tokenizer"]), prompt, answer, layer, head)
     fig, ax = plt.subplots(figsize=(7, 6))

@@ -93,8 +93,11 @@ def fit_lengths(cfg, block_size, answer_flag="max_answer_tokens"):
     answers 1/4), said in one line; and a check that a prompt and an answer fit in the block together."""
     prompt = cfg.max_prompt_tokens or block_size * 3 // 4
     answer = getattr(cfg, answer_flag) or block_size // 4
-    filled = [f"--max_prompt_tokens {prompt}"] * (not cfg.max_prompt_tokens)
-    filled += [f"--{answer_flag} {answer}"] * (not getattr(cfg, answer_flag))
+    filled = []
+    if not cfg.max_prompt_tokens:
+        filled.append(f"--max_prompt_tokens {prompt}")
+    if not getattr(cfg, answer_flag):
+        filled.append(f"--{answer_flag} {answer}")
     if filled:
         print(f"lengths: {' and '.join(filled)} (from the model's block size {block_size})")
     check(prompt + answer <= block_size, f"--max_prompt_tokens + --{answer_flag} = {prompt + answer} exceeds the "

@@ -3,7 +3,9 @@ run's files hold (the before/after answers, sampled from the checkpoints, are ch
 and the command behaves as pipeline.sh's last stage and a user meet it."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +57,21 @@ def report(*args):
     proc = subprocess.run([sys.executable, "tools/report.py", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_a_run_trained_with_the_triton_kernel_reports_on_a_cpu(run_dir, made, tmp_path):
+    """The report samples its answers on the CPU: a run whose checkpoints say attn_impl "triton" (trained on a
+    GPU) still gets its report where the kernel cannot run (no GPU, no interpreter)."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    for path in (tmp_path / "run").glob("*/ckpt.pt"):
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["model_config"]["attn_impl"] = "triton"
+        torch.save(ckpt, path)
+    proc = subprocess.run([sys.executable, "tools/report.py", tmp_path / "run"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    title = "## Before and after"  # the same answers as the run's own report: on a CPU "auto" is SDPA either way
+    assert section((tmp_path / "run" / "report.md").read_text(), title) == section(made[3], title)
 
 
 def section(text, title):

@@ -302,13 +302,15 @@ def before_after(out, ckpts, n_prompts):
         return lines + ["No prompts to ask (outside data, and no ppo/samples.jsonl).", ""]
     seed, temperature, max_new_tokens = ppo_args["seed"], ppo_args["temperature"], ppo_args["max_new_tokens"]
     tok = Tokenizer.from_state(ckpts["sft"]["tokenizer"])
-    reward_model = model_from_checkpoint(ckpts["reward"]).eval()
+    # attn_impl "auto": the answers are sampled on this CPU, whichever attention the run trained with (a GPU's
+    # Triton kernel cannot run here)
+    reward_model = model_from_checkpoint(ckpts["reward"], "auto").eval()
     prompt_ids = [tok.encode(p, "a held-out prompt")[-ppo_args["max_prompt_tokens"]:] for p in prompts]
     answers = {}
     for stage, ckpt in policies.items():
-        policy = policy_from_checkpoint(ckpt).eval()
+        policy = policy_from_checkpoint(ckpt, "auto").eval()
         tokens, attention_mask, answer_mask = generate(policy, prompt_ids, max_new_tokens, tok.eos_id, temperature,
-                                                              seed=seed)
+                                                       seed=seed)
         scores = reward_model(tokens, attention_mask).tolist()  # read at each answer's last token, as PPO does
         answers[stage] = list(zip(decode_answers(tok, tokens, answer_mask), scores))
     lines += [f"{'Held-out prompts of the built-in task' if builtin else 'Prompts from ppo/samples.jsonl'}, answered "
