@@ -17,7 +17,6 @@ from support.sampling import sample_answers
 from support.training import Progress
 
 
-
 def rank_by_labeller(prompt_text, prompt_ids, answers, sources, tok, noise, rng):
     """A simulated labeller's ranking of a prompt's answers (token ids, duplicates dropped), each from
     the policy numbered in `sources`: the group {prompt, answers best-first, sources, scores, gold}, or
