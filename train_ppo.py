@@ -304,8 +304,8 @@ def rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates
         "answer_length": action_mask.sum(1).mean(),
         "eos_fraction": ends_with_eos.float().mean(),
     }
-    record = dict(zip(stats, torch.stack([torch.as_tensor(v).float() for v in stats.values()]).tolist()))  # sync
-    return {key: value / n_updates if key in sums else value for key, value in record.items()}
+    values = torch.stack([torch.as_tensor(v).float() for v in stats.values()]).tolist()  # the one sync point
+    return {key: value / n_updates if key in sums else value for key, value in zip(stats, values)}
 
 
 # -----------------------------------------------------------------------------
