@@ -112,12 +112,13 @@ def resolve_attn_impl(attn_impl, device, head_size):
     size, else SDPA (the interpreter that runs Triton on a CPU is a correctness tool, not a default)."""
     if attn_impl != "auto":
         return attn_impl
+    from kernels import gpu_path  # CUDA, or a CPU taking the GPU's path (RLHF_CUDA_SHAPED=1, for the tests)
     from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
-    if device.type == "cuda" and head_size not in SUPPORTED_HEAD_DIMS:  # said once: Python shows a warning once
+    if gpu_path(device) and head_size not in SUPPORTED_HEAD_DIMS:  # said once: Python shows a warning once
         warnings.warn(f"attention: the Triton kernel takes head sizes {SUPPORTED_HEAD_DIMS}, not {head_size}; "
                       "using PyTorch's SDPA instead")
-    return "triton" if device.type == "cuda" and head_size in SUPPORTED_HEAD_DIMS else "sdpa"
+    return "triton" if gpu_path(device) and head_size in SUPPORTED_HEAD_DIMS else "sdpa"
 
 
 class CausalSelfAttention(nn.Module):
@@ -294,7 +295,10 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden):
-        return self.proj(hidden).squeeze(-1)  # (..., C) -> (...)
+        # in fp32, even under bf16 autocast: a reward or a value rounded to 2^-8 of its size would tie pairs of
+        # answers and blur the value targets (the N+ implementation details keep these heads in fp32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.proj(hidden.float()).squeeze(-1)  # (..., C) -> (...)
 
 
 def last_token_index(attention_mask):
@@ -353,14 +357,14 @@ class KVCache:
     """Keys and values of every layer for the positions already processed, so that generating one more
     token costs one position of compute instead of re-running the whole prefix."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = self.v = None  # made by the first update, in the keys' dtype: bf16 under autocast, as q is
         self.length = 0  # positions filled, the same for every layer once a forward pass ends
 
     def update(self, layer, k, v):
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         start, end = self.length, self.length + k.size(2)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -369,8 +373,9 @@ class KVCache:
     def take_rows(self, rows):
         """The cache of the given rows only (a bool mask, or indices, repeats allowed): the sequences of a
         batch that are still going, or one prompt's cache copied for each answer sampled from it."""
-        k = self.k.new_empty(self.k[:, rows].shape)  # positions past self.length are written before being read
-        v = self.v.new_empty(k.shape)
+        n = int(rows.sum()) if rows.dtype == torch.bool else len(rows)  # a sync point for a mask
+        k = self.k.new_empty(self.k.shape[:1] + (n,) + self.k.shape[2:])  # positions past self.length: written
+        v = self.v.new_empty(k.shape)  # before they are read
         k[:, :, :, : self.length] = self.k[:, rows, :, : self.length]
         v[:, :, :, : self.length] = self.v[:, rows, :, : self.length]
         self.k, self.v = k, v
@@ -403,8 +408,7 @@ def generate(model, prompts, max_new_tokens, eos_id, temperature=1.0, top_k=None
 
     # prefill: the prompts in one pass (each distinct prompt once, its cache then copied for each of its rows),
     # then one position per step
-    cache = KVCache(model.config, len(set(map(tuple, prompts))), Tp + max_new_tokens, device,
-                    model.transformer.wte.weight.dtype)
+    cache = KVCache(model.config, len(set(map(tuple, prompts))), Tp + max_new_tokens)
     logits = prefill_once_per_prompt(model, prompts, tokens[:, :Tp], attention_mask[:, :Tp], cache)  # (B, V)
     next_pos = position_ids_from_mask(attention_mask[:, :Tp])[:, -1] + 1  # (B,)
     # the rows still in the batch (and the cache): once a quarter of them have ended, the ended ones leave,

@@ -140,7 +140,7 @@ def policy_forward(model, tokens, attention_mask, action_mask, cfg):
     with autocast(tokens.device):
         hidden, values = model(tokens, attention_mask)  # (B, T, C), (B, T)
     logp, entropy = action_logprobs(model.policy, hidden, tokens, action_mask, cfg.temperature, cfg.logprob_impl)
-    return logp, entropy, at_actions(values.float(), action_mask)
+    return logp, entropy, at_actions(values, action_mask)  # values fp32: model.ScalarHead
 
 
 def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
@@ -271,24 +271,24 @@ def exact_kl(policy, ref, hidden, hidden_ref, action_mask, temperature, chunk=10
 
 
 @torch.no_grad()
-def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg):
+def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg, order):
     """logp, entropy and values of the policy, logp_ref of the reference, the exact KL, and the reward
-    model's scores of a rollout, in mini-batches of minibatch_size rows. The updates recompute logp with
-    the same function on rows of the same width, so the first update's ratio is 1 up to float rounding
-    (the updates shuffle the rows, which changes only the order of floating-point sums)."""
+    model's scores of a rollout, each (B, T) or (B,) in row order. The rows run in the mini-batches of the
+    first PPO epoch (order.split(minibatch_size)), which recomputes logp with the same function on the same
+    rows: its ratio is exactly 1, also on a GPU, where a matmul's rounding depends on its shape."""
     out = {"logp": [], "entropy": [], "values": [], "logp_ref": [], "kl_exact": [], "score": []}
-    for rows in torch.arange(len(tokens), device=tokens.device).split(cfg.minibatch_size):
+    for rows in order.split(cfg.minibatch_size):
         tok, att, act = tokens[rows], attention_mask[rows], answer_mask[rows].float()
         with autocast(tokens.device):
             hidden, values = model(tok, att)  # (B, T, C), (B, T)
             hidden_ref = ref.hidden_states(tok, att)  # (B, T, C)
-            score = reward_model(tok, att).float()  # read at the last real token: the answer's EOS
+            score = reward_model(tok, att)  # read at the last real token, the answer's EOS; fp32
         logp, entropy = action_logprobs(model.policy, hidden, tok, act, cfg.temperature, cfg.logprob_impl)
         logp_ref, _ = action_logprobs(ref, hidden_ref, tok, act, cfg.temperature, cfg.logprob_impl)
         kl_exact = exact_kl(model.policy, ref, hidden.float(), hidden_ref.float(), act, cfg.temperature)
-        for key, value in zip(out, (logp, entropy, at_actions(values.float(), act), logp_ref, kl_exact, score)):
+        for key, value in zip(out, (logp, entropy, at_actions(values, act), logp_ref, kl_exact, score)):
             out[key].append(value)
-    return {key: torch.cat(value) for key, value in out.items()}
+    return {key: torch.cat(value)[order.argsort()] for key, value in out.items()}  # back in row order
 
 
 def rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates):
@@ -346,14 +346,18 @@ def main(cfg):
         t0 = time.time()
         rows = batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed)
         rows = [i for i in rows for _ in range(cfg.samples_per_prompt)]
-        tokens, attention_mask, answer_mask = generate(model.policy, [train_ids[i] for i in rows], cfg.max_new_tokens,
-                                                       tok.eos_id, cfg.temperature, seed=cfg.seed * 1000 + it)
+        with autocast(device):  # sampled with the numerics that score it (bf16 on a GPU)
+            tokens, attention_mask, answer_mask = generate(model.policy, [train_ids[i] for i in rows],
+                                                           cfg.max_new_tokens, tok.eos_id, cfg.temperature,
+                                                           seed=cfg.seed * 1000 + it)
         gen_time = time.time() - t0
         action_mask = answer_mask.float()
 
         # ---- 2. score it: reward model, log-probs of policy and reference, values ----
         t1 = time.time()
-        roll = rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg)
+        orders = [torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed + 31 * it + epoch))
+                  .to(device) for epoch in range(cfg.ppo_epochs)]  # each PPO epoch's shuffle of the rollout
+        roll = rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg, orders[0])
         ends_with_eos = ((tokens == tok.eos_id) & answer_mask.bool()).any(dim=1)
         score = roll["score"] - cfg.eos_penalty * (~ends_with_eos).float()
         if cfg.reward_scaling:
@@ -369,9 +373,8 @@ def main(cfg):
         # ---- 4. PPO epochs over shuffled mini-batches of the rollout ----
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "value_clip_frac": 0.0, "approx_kl": 0.0}
         n_updates = 0
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed + 31 * it + epoch))
-            for mb in order.to(device).split(cfg.minibatch_size):
+        for order in orders:
+            for mb in order.split(cfg.minibatch_size):
                 mb_mask = action_mask[mb]
                 logp, _, values = policy_forward(model, tokens[mb], attention_mask[mb], mb_mask, cfg)
                 pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask,

@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
+from kernels import gpu_path
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -468,17 +470,16 @@ _warned_reference = False  # the fallback warning is printed once per process
 def _use_kernel(tensor, impl, name):
     """True for the Triton path, False for the PyTorch one.
 
-    "auto" takes Triton when the tensor is on CUDA; on any other device it takes the PyTorch path
-    (logprobs_reference, or linear_logprobs' chunked one) and says so once per process.
-    The interpreter is a correctness tool, far too slow to be chosen by "auto": the tests ask for it
-    with impl="triton".
+    "auto" takes Triton when the tensor is on CUDA (or RLHF_CUDA_SHAPED=1, kernels.gpu_path); on any other
+    device it takes the PyTorch path (logprobs_reference, or linear_logprobs' chunked one) and says so once
+    per process. The interpreter is a correctness tool, far too slow to be chosen by "auto" on its own.
     """
     global _warned_reference
     if impl not in IMPLS:
         raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl == "triton"
-    if tensor.is_cuda:
+    if gpu_path(tensor.device):
         return True
     if not _warned_reference:
         warnings.warn(f"kernels.logprob: {name} got tensors on {tensor.device}, so the PyTorch path is "

@@ -9,6 +9,7 @@ from model import generate
 from support import task
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint
 from support.data import DataError, Tokenizer, Truncation, decode_answers, encode_prompt, load_prompts
+from support.sampling import rows_per_call
 from support.training import autocast, check_finite
 
 
@@ -57,13 +58,15 @@ def evaluate(model, reward_model, tok, prompts, prompt_ids, cfg, device, step):
     """The held-out eval: answers to the same prompts with the same sampling seed every time (the curve
     moves only if the policy does), their mean reward-model score and, on the built-in task, gold score."""
     answers, scores = [], []
-    for start in range(0, len(prompts), 128):
-        tokens, attention_mask, answer_mask = generate(model.policy, prompt_ids[start : start + 128],
-                                                       cfg.max_new_tokens, tok.eos_id, cfg.temperature,
-                                                       seed=cfg.seed + 7 + start)
+    # 128 prompts per call, fewer where their KV cache would not fit (GPT-2 with long prompts on a GPU)
+    rows = rows_per_call(model.policy, max(map(len, prompt_ids)) + cfg.max_new_tokens, limit=128)
+    for start in range(0, len(prompts), rows):
+        with autocast(device):  # sampled with the numerics that score it (bf16 on a GPU)
+            tokens, attention_mask, answer_mask = generate(model.policy, prompt_ids[start : start + rows],
+                                                           cfg.max_new_tokens, tok.eos_id, cfg.temperature,
+                                                           seed=cfg.seed + 7 + start)
+            scores += reward_model(tokens, attention_mask).tolist()
         answers += decode_answers(tok, tokens, answer_mask)
-        with autocast(device):
-            scores += reward_model(tokens, attention_mask).float().tolist()
     metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
     if cfg.data == "default":  # no gold judge for outside data
         metrics["eval_gold"] = sum(task.gold_score(p, a) for p, a in zip(prompts, answers)) / len(answers)

@@ -109,7 +109,7 @@ def answer_rewards(model, groups, pad_id, device, length_buckets=1):
         for bucket in order.tensor_split(min(length_buckets, len(answers))):
             idx, mask = pad_batch([answers[i] for i in bucket], pad_id=pad_id, device=device)
             hidden = prompts.continue_with(model.transformer, rows[bucket.to(device)], idx, mask)  # (n, Ta, C)
-            rewards.append(model.read_reward(hidden, mask).float())
+            rewards.append(model.read_reward(hidden, mask))
     return torch.cat(rewards)[order.argsort().to(device)]  # back in batch order
 
 

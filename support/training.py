@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import gpu_path
 from support.errors import LoadError, UsageError
 
 # -----------------------------------------------------------------------------
@@ -138,8 +139,9 @@ def pick_device(name, attn_impl="auto"):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (the matmuls in bf16, the reductions and the weights in fp32); fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast on CUDA (the matmuls in bf16, the reductions and the weights in fp32); fp32 on a CPU,
+    unless RLHF_CUDA_SHAPED=1 makes it take the GPU's path (kernels.gpu_path)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu_path(device))
 
 
 # -----------------------------------------------------------------------------

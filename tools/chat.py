@@ -120,7 +120,7 @@ def stream_answer(model, prompt_ids, max_new_tokens, eos_id, temperature, top_k,
     written as a generator so that each token can be printed before the next is computed. One row has no
     padding, so no attention mask is needed and positions simply continue from the cache's length."""
     device = model.lm_head.weight.device
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device, model.lm_head.weight.dtype)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     with autocast(device):
         logits = model(idx, kv_cache=cache)[:, -1]  # (1, V): the prefill, the whole prompt in one pass
