@@ -115,10 +115,13 @@ def resolve_attn_impl(attn_impl, device, head_size):
     from kernels import gpu_path  # CUDA, or a CPU taking the GPU's path (RLHF_CUDA_SHAPED=1, for the tests)
     from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
-    if gpu_path(device) and head_size not in SUPPORTED_HEAD_DIMS:  # said once: Python shows a warning once
-        warnings.warn(f"attention: the Triton kernel takes head sizes {SUPPORTED_HEAD_DIMS}, not {head_size}; "
-                      "using PyTorch's SDPA instead")
-    return "triton" if gpu_path(device) and head_size in SUPPORTED_HEAD_DIMS else "sdpa"
+    if not gpu_path(device):
+        return "sdpa"
+    if head_size in SUPPORTED_HEAD_DIMS:
+        return "triton"
+    warnings.warn(f"attention: the Triton kernel takes head sizes {SUPPORTED_HEAD_DIMS}, not {head_size}; "
+                  "using PyTorch's SDPA instead")  # said once: Python shows a warning once per place
+    return "sdpa"
 
 
 class CausalSelfAttention(nn.Module):
