@@ -141,7 +141,8 @@ def _compile_inputs(kernel, args, kwargs):
             continue
         # e.g. ('*bf16', 'D'): a bf16 pointer, 16-byte aligned; ('i32', ''): an int32; ('constexpr', None)
         # for a None pointer or the integer 1, which Triton bakes into the kernel.
-        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
         signature[param.name] = kind
         if kind == "constexpr":
             constexprs[param.name] = spec

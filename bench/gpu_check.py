@@ -7,7 +7,8 @@
 It writes one markdown report (--out; default bench/gpu_check_report.md, or bench/gpu_check_dry_run.md
 for --dry-run) with the device, the versions, the date and the command, then five sections:
   1. the kernel tests (tests/test_flash_attention.py, tests/test_logprob.py) on CUDA tensors: compiled
-     kernels, not the interpreter (TRITON_INTERPRET=0);
+     kernels, not the interpreter (TRITON_INTERPRET=0); mostly Triton compiles, about a second each
+     (bench/compile_count.py counts them on a CPU: 82);
   2. attention, bf16 causal, head dims 64 and 128, T = 512..8192: our flash_attention against SDPA's
      flash backend and the naive path, forward and forward + backward TFLOP/s (bench_attention.py).
      Goals: forward >= 1.15x SDPA and backward >= 0.8x SDPA at hs = 64, T = 2048;
@@ -212,8 +213,13 @@ def attention_section(plan, dry_run):
     for hs in plan["attn_head_dims"]:
         for T in plan["attn_seq_lens"]:
             B = max(1, plan["attn_tokens"] // T)
-            result, err = ba.measure(T, hs, B, plan["attn_nh"], device=plan["device"], dtype=torch.bfloat16,
-                                     reps=plan["attn_reps"])
+            try:
+                result, err = ba.measure(T, hs, B, plan["attn_nh"], device=plan["device"], dtype=torch.bfloat16,
+                                         reps=plan["attn_reps"])
+            except Exception as e:  # one shape's failure (a wrong result, out of memory) is one row
+                rows.append([T, B, plan["attn_nh"], hs, "all", f"failed: {type(e).__name__}: {e}"[:200], "", "", ""])
+                _free_cuda()
+                continue
             results[(hs, T)] = result
             for name in ba.PASSES:
                 ours, sdpa, naive = (result[(impl, name)] for impl in ba.IMPLS)
@@ -257,10 +263,22 @@ def _measure_cases(bl, cases, N, dtype_name, plan):
         if reason:
             out[case] = f"not measured: {reason}"
             continue
-        result = bl.measure(case, N, plan["vocab"], plan["n_embd"], bl.DTYPES[dtype_name], plan["device"],
-                            plan["lp_reps"], plan["chunk_size"])
+        try:
+            result = bl.measure(case, N, plan["vocab"], plan["n_embd"], bl.DTYPES[dtype_name], plan["device"],
+                                plan["lp_reps"], plan["chunk_size"])
+        except Exception as e:  # one case's failure is its own row; the others still run
+            out[case] = f"failed: {type(e).__name__}: {e}"[:200]
+            _free_cuda()
+            continue
         out[case] = result if result is not None else "not measured: out of memory"
     return out
+
+
+def _free_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _peak(result):
@@ -512,12 +530,22 @@ def main(argv=None):
            "linear": linear_section, "pipeline": pipeline_section}
     selected = set(args.sections) | ({"linear"} if "logprob" in args.sections else set())
     parts, ok = [], True
+
+    def write_report(running=None):
+        # Written after every section, so a run stopped part-way leaves the sections it finished.
+        waiting = [f"## {t}\n\nnot measured: {'running' if t == running else 'waiting'} when this was written\n"
+                   for t in list(TITLES.values())[len(parts):]]
+        lines = ["# GPU check report", "", *header_lines(args, plan),
+                 f"- total time: {time.perf_counter() - started:.0f} s", "", *parts, *waiting]
+        args.out.write_text("\n".join(lines) + "\n")
+
     for key, title in TITLES.items():
         t0 = time.perf_counter()
         if key not in selected:
             body = f"not measured: not selected (--sections {','.join(args.sections)})"
         else:
             print(f"gpu_check: {title} ...", flush=True)
+            write_report(running=title)
             try:
                 body = run[key](plan, args.dry_run)
                 if isinstance(body, tuple):
@@ -529,9 +557,7 @@ def main(argv=None):
                        f"{traceback.format_exc()[-3000:]}```"
             body += f"\n\n({time.perf_counter() - t0:.0f} s)"
         parts.append(f"## {title}\n\n{body}\n")
-    lines = ["# GPU check report", "", *header_lines(args, plan),
-             f"- total time: {time.perf_counter() - started:.0f} s", "", *parts]
-    args.out.write_text("\n".join(lines) + "\n")
+    write_report()
     print(f"gpu_check: report written to {args.out} ({'every section ran' if ok else 'SOME SECTIONS FAILED'})")
     return 0 if ok else 1
 

@@ -82,6 +82,13 @@ def attention_reference(q, k, v, causal=True, kv_start=None, sm_scale=None):
 # column d of it sits at t * hs + d.
 #
 # Notation, for one (b, h): S = sm_scale * Q K^T (Tq, Tk), P = softmax(S) row by row, O = P V.
+#
+# Triton compiles a kernel anew for every integer argument that is 1 or divisible by 16 where the last
+# one was not. The number of heads and the query length only bound loops and masks (the row addresses
+# stay aligned through the constexpr HEAD_DIM), so they are not specialised: a decoding step (Tq = 1)
+# reuses the prefill's kernel. Tk stays specialised: with it unknown, ptxas spills registers in the
+# fp16 / bf16 backward on sm_80 (tests/test_kernels_compile.py).
+LENGTHS = ["n_heads", "Tq"]
 
 
 @triton.jit
@@ -100,7 +107,7 @@ def _dot(a, b, UPCAST_BF16_DOT: tl.constexpr):
     return tl.dot(a, b, input_precision="ieee")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KV_START,  # noqa: E741 (O: the paper's name). LSE fp32 (B, nh, Tq), KV_START int32 (B,)
     sm_scale, n_heads, Tq, Tk,
@@ -204,7 +211,7 @@ def _attn_fwd_kernel(
 # per query block for dQ. The price is computing S and dP twice.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq"])
 def _attn_bwd_preprocess_kernel(O, DO, D, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # noqa: E741
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -218,7 +225,7 @@ def _attn_bwd_preprocess_kernel(O, DO, D, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: t
     tl.store(D + bh * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, D, DK, DV, KV_START,
     sm_scale, n_heads, Tq, Tk,
@@ -275,7 +282,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + kv_rows, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Tk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, D, DQ, KV_START,
     sm_scale, n_heads, Tq, Tk,
@@ -357,15 +364,15 @@ def _launch_config(pass_name, head_dim, dtype, interpreting=None):
     # tests/test_kernels_compile.py; the table is in bench/RESULTS.md): a spill goes to local memory, i.e.
     # to L1/L2 and HBM, and costs far more than a smaller tile.
     # - fp32 matmuls do not use tensor cores (ieee fp32, see _dot), and fp32 tiles take twice the registers:
-    #   the fp32 forward runs 32x64 tiles on 8 warps; the fp32 backward one stage (no prefetch of the next
-    #   q / dO tile), 8 warps and 16x16 tiles.
+    #   the fp32 forward runs 32x64 tiles on 8 warps (one stage at hs=128: no prefetch of the next k / v
+    #   tile); the fp32 backward one stage (no prefetch of the next q / dO tile), 8 warps and 16x16 tiles.
     # - a fp16/bf16 dK/dV program keeps four (BLOCK_N, hs) tiles in registers (k, v and the fp32 dk, dv),
     #   so BLOCK_N=32 at hs=128 halves its largest load; the pipelining (num_stages=2) stays.
     # No spill is not the same as fast: bench/gpu_check.sh times these on a GPU.
     fp32 = dtype == torch.float32
     if pass_name == "fwd":
         if fp32:
-            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1 if head_dim == 128 else 2)
         # e.g. hs=128, bf16: q tile 128*128*2 = 32 KiB + 3 stages * (k, v) 2*64*128*2 = 96 KiB.
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim == 128 else 4, num_stages=3)
     # Backward programs hold two fp32 accumulators (dk and dv, or dq) plus two input tiles.

@@ -49,6 +49,47 @@ def test_dry_run_writes_every_section(tmp_path):
     assert "Traceback" not in text and "failed with" not in text
 
 
+def test_a_failure_leaves_the_other_rows_and_sections(tmp_path, monkeypatch):
+    # One attention shape raises (a wrong result, out of memory): that shape is a row saying so and the
+    # other shape is measured. Then the run is stopped in the next section: the report on disk keeps
+    # the finished section and says which one was running.
+    from bench import bench_attention
+
+    real_measure = bench_attention.measure
+
+    def measure(T, *args, **kwargs):
+        if T == 80:
+            raise RuntimeError("flash_attention differs from SDPA")
+        return real_measure(T, *args, **kwargs)
+
+    def stopped(plan, dry_run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_attention, "measure", measure)
+    monkeypatch.setattr(gpu_check, "logprob_section", stopped)
+    report = tmp_path / "report.md"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--dry-run", "--sections", "attention,logprob", "--out", str(report)])
+    sections = dict(zip(HEADINGS, report.read_text().split("\n## ")[1:]))
+    attention = sections["## 2. Attention"]
+    assert "| 48 | 1 | 2 | 64 | fwd |" in attention
+    assert "| 80 | 1 | 2 | 64 | all | failed: RuntimeError: flash_attention differs from SDPA |" in attention
+    assert "not measured: running when this was written" in sections["## 3. Per-token log-prob"]
+    assert "not measured: waiting when this was written" in sections["## 5. Pipeline"]
+
+
+def test_the_kernel_tests_compile_within_the_sections_budget():
+    # On a GPU the first section's time is mostly Triton compiles (about a second each, 300 s allowed);
+    # bench/compile_count.py counts them here. 82 today; each attention kernel compiles once per dtype,
+    # head dim, mask and Tk % 16, not once per head count or query length.
+    proc = subprocess.run([sys.executable, "bench/compile_count.py", "--json"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["compiles"] <= 100, result
+    assert result["by_kernel"]["_attn_fwd_kernel"] <= 18, result
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--dry-run", "--sections", "tests,nope"], "--sections: unknown section nope"),
