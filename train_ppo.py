@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from kernels.logprob import IMPLS as LOGPROB_IMPLS
 from kernels.logprob import linear_logprobs
 from model import PolicyWithValue, generate, last_token_index
+from support import memory
 from support.checkpoint import save_checkpoint
 from support.data import decode_answers
 from support.ppo_run import evaluate, load_checkpoints, log_iteration, prompt_sets, resume
@@ -327,6 +328,7 @@ def main(cfg):
     # noise (dropout, were a model to have it) would count as a change of the policy
     model.to(device).eval()
     cfg = fit_lengths(cfg, model.config.block_size, "max_new_tokens")
+    memory.announce("ppo", model.config, cfg, device)  # on a GPU: will an update fit, and what to lower if not
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     score_std = RunningStd()
     start_iter, kl_coef = resume(ckpt_path, model, optimizer, score_std) if cfg.resume else (0, cfg.kl_coef)

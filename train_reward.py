@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from model import RewardModel
-from support import task
+from support import memory, task
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
 from support.comparisons import load_comparisons
 from support.data import DataError, Tokenizer, encode_prompt, load_preferences, pad_batch
@@ -248,6 +248,7 @@ def main(cfg):
     tok = Tokenizer.from_state(sft_ckpt["tokenizer"])
     sft = policy_from_checkpoint(sft_ckpt, cfg.attn_impl).to(device).eval()
     cfg = fit_lengths(cfg, sft.config.block_size)
+    memory.announce("reward", sft.config, cfg, device)  # on a GPU: will a step fit, and what to lower if not
     policies, init_ckpt, extra_records = later_round_inputs(cfg, sft_ckpt, sft, device)
 
     # ---- 2. comparisons: {prompt ids, answer ids best-first, scores} per prompt, tokenized once ----

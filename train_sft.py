@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, PRESETS, config_from_preset
-from support import task
+from support import memory, task
 from support.checkpoint import load_checkpoint, policy_from_checkpoint, save_checkpoint
 from support.data import (
     DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch, train_and_eval,
@@ -201,6 +201,7 @@ def main(cfg):
     # ---- 1. the model and its tokenizer ----
     model, tok, resume = build_model(cfg, ckpt_path)
     cfg = fit_lengths(cfg, model.config.block_size)
+    memory.announce("sft", model.config, cfg, device)  # on a GPU: will a step fit, and what to lower if not
 
     # ---- 2. data: demonstrations -> (prompt ids, answer ids) ----
     train, eval_examples, eval_prompts, eval_rows = load_data(cfg, tok)

@@ -92,10 +92,11 @@ def test_sampling_rows_come_from_the_device_memory(monkeypatch):
     assert rows_per_call(cpu, 1024) == 2**30 // (2 * 12 * 768 * 1024 * 4) == 14
 
 
-def test_every_stage_runs_on_the_gpu_path(gpu_paths, tmp_path):
+def test_every_stage_runs_on_the_gpu_path(gpu_paths, tmp_path, capsys):
     """SFT, the reward model and PPO for a few steps each, in bf16 autocast with the Triton attention and
     log-prob kernels (interpreted): each finishes with finite losses; the reward model's outputs and PPO's
-    values are fp32; and PPO's first rollout comes from the reference, with its first update's ratio 1."""
+    values are fp32; PPO's first rollout comes from the reference, with its first update's ratio 1; and
+    each stage says at its start how much memory a step will take."""
     sft = train_sft.main(train_sft.Config(out_dir=str(tmp_path / "sft"), n_train=64, n_eval=4, eval_prompts=1,
                                           batch_size=4, max_iters=2, warmup_iters=1, eval_interval=2,
                                           max_answer_tokens=6))
@@ -113,6 +114,7 @@ def test_every_stage_runs_on_the_gpu_path(gpu_paths, tmp_path):
     first = next(r for r in log if "policy_loss" in r)
     assert first["kl"] == 0 and first["kl_exact"] == pytest.approx(0, abs=1e-6)  # the reference sampled it
     assert all(math.isfinite(v) for r in log for v in r.values() if isinstance(v, float))
+    assert capsys.readouterr().out.count("memory estimate for a training step: ") == 3
 
 
 def test_the_first_ppo_update_recomputes_the_rollouts_log_probs_exactly(gpu_paths):
