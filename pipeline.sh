@@ -31,6 +31,8 @@ ROUNDS=${ROUNDS:-1}
 RESUME=${RESUME:-0}
 SIDE_BY_SIDE=${SIDE_BY_SIDE:-auto}
 usage() { echo "pipeline.sh: $1" >&2; exit 2; }
+# every variable checked before the run folder is touched: a bad one must not cost a finished stage
+[[ $SEED =~ ^[0-9]{1,9}$ ]] || usage "SEED=$SEED: give a whole number from 0 to 999999999"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage "ROUNDS=$ROUNDS: give the number of rounds, 1 or more"
 [[ $RESUME =~ ^[01]$ ]] || usage "RESUME=$RESUME: use 1 (keep the finished stages) or 0"
 [[ $SIDE_BY_SIDE =~ ^(auto|0)$ ]] || usage "SIDE_BY_SIDE=$SIDE_BY_SIDE: use auto (when the cores allow) or 0 (never)"

@@ -19,7 +19,6 @@ run is drawn as a thin line, and with several runs their mean as a thick one.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import attention_mask_allowed  # noqa: E402
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint  # noqa: E402
 from support.data import Tokenizer  # noqa: E402
+from support.training import read_metrics, run as run_script  # noqa: E402
 
 
 def read_log(path):
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    """The records of a run's metrics.jsonl or samples.jsonl; a broken line is one error naming it."""
+    return read_metrics(path)
 
 
 def series(log, key):
@@ -261,6 +261,8 @@ def main(argv=None):
     missing = [str(r / "sft" / "ckpt.pt") for r in runs if not (r / "sft" / "ckpt.pt").is_file()]
     if missing:
         parser.exit(2, f"error: {missing[0]} is missing; run bash pipeline.sh (OUT=that folder) first\n")
+    for log in sorted(log for r in runs for log in r.glob("**/metrics.jsonl")):  # a broken line: one error, now
+        read_log(log)
     to = Path(args.to) if args.to else runs[0]
     to.mkdir(parents=True, exist_ok=True)
     figures = {"sft": plot_sft, "reward_model": plot_reward_model, "ppo": plot_ppo, "attention": plot_attention}
@@ -276,4 +278,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a broken file is one error line

@@ -202,6 +202,24 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path):
+    """The records of a metrics.jsonl (none when there is no file); a line that is not JSON is a LoadError
+    naming the file and the line, not a traceback from the reader that met it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise LoadError(f"{path} line {number} is not JSON ({line[:40]!r}); the run that wrote it was cut "
+                            "off mid-line? delete that line, or run the stage again") from None
+    return records
+
+
 class Progress:
     """A one-line progress bar on a terminal; in a log file a plain line each twentieth of the way, in a
     notebook only the finished bar (so that saved outputs stay readable)."""

@@ -159,3 +159,28 @@ def test_a_folder_without_a_run_is_one_error_line(tmp_path):
     assert code == 2
     assert err.splitlines() == [f"error: {tmp_path}: no sft/, reward/, ppo/ or ppo_nokl/ checkpoint; run bash "
                                 f"pipeline.sh (OUT={tmp_path}) first"]
+
+
+def test_a_missing_or_broken_log_is_one_error_line_and_the_old_report_stays(run_dir, made, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    old_report = (run / "report.md").read_text()
+    (run / "reward" / "metrics.jsonl").unlink()  # a stage's checkpoint without its log
+    code, out, err = report(run)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: {run}/reward/metrics.jsonl is missing though {run}/reward/ckpt.pt is "
+                                "there; copy the whole stage folder, or run the stage again"]
+    assert (run / "report.md").read_text() == old_report
+
+    shutil.copy(run_dir / "reward" / "metrics.jsonl", run / "reward" / "metrics.jsonl")
+    with open(run / "ppo" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "eval_rew\n')  # a run cut off in the middle of a line
+    n_lines = len((run / "ppo" / "metrics.jsonl").read_text().splitlines())
+    for command in ("tools/report.py", "notebooks/plots.py"):  # pipeline.sh's last two steps
+        proc = subprocess.run([sys.executable, command, str(run)], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines() == [f"error: {run}/ppo/metrics.jsonl line {n_lines} is not JSON "
+                                            "('{\"step\": 3, \"eval_rew'); the run that wrote it was cut off "
+                                            "mid-line? delete that line, or run the stage again"]
+    assert (run / "report.md").read_text() == old_report

@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import REPO
 
 from support.checkpoint import load_checkpoint
@@ -164,3 +166,22 @@ def test_a_stage_that_refuses_its_input_is_not_offered_resume(tmp_path):
     assert log.strip().splitlines()[-1] == ("pipeline.sh: sft refused its input (exit 2): fix what the error says and "
                                             "run again")
     assert "RESUME" not in log
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("SEED", "abc", "SEED=abc: give a whole number from 0 to 999999999"),
+    ("SEED", "-1", "SEED=-1: give a whole number"),
+    ("ROUNDS", "0", "ROUNDS=0: give the number of rounds, 1 or more"),
+    ("RESUME", "yes", "RESUME=yes: use 1"),
+    ("SIDE_BY_SIDE", "1", "SIDE_BY_SIDE=1: use auto"),
+])
+def test_a_bad_variable_is_one_line_before_the_run_folder_is_touched(tmp_path, variable, value, message):
+    out = tmp_path / "out"  # a finished run: its stage times and a finished stage's marker must survive
+    (out / "sft").mkdir(parents=True)
+    (out / "times.txt").write_text("sft 245 s\n")
+    (out / "sft" / "done").write_text("python train_sft.py --out_dir out/sft --seed 1337\n")
+    env = {**os.environ, "OUT": str(out), variable: value}
+    proc = subprocess.run(["bash", "pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("pipeline.sh: ") and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert (out / "times.txt").read_text() == "sft 245 s\n" and (out / "sft" / "done").exists()

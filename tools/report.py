@@ -16,7 +16,6 @@ seed, on the CPU, so the same folder always gives the same answers.
 """
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -37,7 +36,7 @@ from support import task
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint
 from support.data import Tokenizer, decode_answers
 from support.errors import LoadError, UsageError
-from support.training import check, run
+from support.training import check, read_metrics, run
 STAGES = {  # folder -> (script, its Config, the settings every report shows)
     "sft": ("train_sft.py", train_sft.Config, ("init", "preset", "n_train", "batch_size", "max_iters", "lr", "seed")),
     "reward": ("train_reward.py", train_reward.Config,
@@ -61,11 +60,6 @@ FIGURES = {  # the PNGs of notebooks/plots.py, in reading order
 
 # -----------------------------------------------------------------------------
 # Reading a run folder
-
-
-def read_log(path):
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def rows_with(log, key):
@@ -192,7 +186,7 @@ def numbers_table(logs, measures):
 
 
 def key_numbers(out, ckpts):
-    logs = {stage: read_log(Path(out) / stage / "metrics.jsonl") for stage in STAGES}
+    logs = {stage: read_metrics(Path(out) / stage / "metrics.jsonl") for stage in STAGES}
     lines = ["## Key numbers", "", "The first and the last value of each measure in the stage's metrics.jsonl.", ""]
     lines += ["### SFT", ""]
     lines += numbers_table({"sft": logs["sft"]}, [("training loss", "loss"), ("held-out loss", "eval_loss"),
@@ -251,7 +245,8 @@ def rounds_section(out):
     out, rows, r = Path(out), [], 1
     while (out / (f"round{r}" if r > 1 else "") / "ppo" / "metrics.jsonl").is_file():
         folder = out / f"round{r}" if r > 1 else out
-        reward_log, ppo_log = read_log(folder / "reward" / "metrics.jsonl"), read_log(folder / "ppo" / "metrics.jsonl")
+        reward_log = read_metrics(folder / "reward" / "metrics.jsonl")
+        ppo_log = read_metrics(folder / "ppo" / "metrics.jsonl")
         agreement, gold, score = (start_end(log, key) for log, key in (
             (reward_log, "gold_agreement"), (ppo_log, "eval_gold"), (ppo_log, "eval_reward")))
         n_files = 1 + len(load_checkpoint(folder / "reward" / "ckpt.pt", "reward")["train_args"].get(
@@ -267,7 +262,7 @@ def rounds_section(out):
              "from round r-1's policy with the SFT model as the reference.", ""]
     lines += table(["round", "rounds of comparisons", "reward model: gold agreement (its own held-out pairs)",
                     "PPO: held-out gold, start -> end", "PPO: reward-model score, start -> end"], rows) + [""]
-    final = rows_with(read_log(out / "round2" / "reward" / "metrics.jsonl"), "policy_reward")
+    final = rows_with(read_metrics(out / "round2" / "reward" / "metrics.jsonl"), "policy_reward")
     if final:
         for path, reward in final[-1]["policy_reward"].items():
             lines.append(f"- Round 2's reward model on the answers of `{path}`: {fmt(reward)} (gold "
@@ -297,7 +292,8 @@ def before_after(out, ckpts, n_prompts):
             by_kind.setdefault(task.parse_prompt(p).kind, p)
         prompts = list(dict.fromkeys([*by_kind.values(), *candidates]))[:n_prompts]
     else:
-        prompts = list(dict.fromkeys(r["prompt"] for r in read_log(Path(out) / "ppo" / "samples.jsonl")))[:n_prompts]
+        samples = read_metrics(Path(out) / "ppo" / "samples.jsonl")
+        prompts = list(dict.fromkeys(r["prompt"] for r in samples))[:n_prompts]
     if not prompts:
         return lines + ["No prompts to ask (outside data, and no ppo/samples.jsonl).", ""]
     seed, temperature, max_new_tokens = ppo_args["seed"], ppo_args["temperature"], ppo_args["max_new_tokens"]
@@ -358,6 +354,12 @@ def write_report(out, n_prompts=4):
     if not any(ckpts.values()):
         raise LoadError(f"{out}: no sft/, reward/, ppo/ or ppo_nokl/ checkpoint; run bash pipeline.sh (OUT={out}) "
                         "first")
+    for stage, ckpt in ckpts.items():  # every number of a stage comes from its log: without it, no report
+        log = out / stage / "metrics.jsonl"
+        check(ckpt is None or log.is_file(), f"{log} is missing though {out / stage / 'ckpt.pt'} is there; copy "
+              "the whole stage folder, or run the stage again")
+    for log in sorted(out.glob("**/*s.jsonl")):  # metrics and samples: a broken line stops us before any sampling
+        read_metrics(log)
     lines = [f"# Report card of the run in {out}/", "",
              f"Written by `python tools/report.py {out}` from the run's metrics.jsonl, times.txt and checkpoints; "
              "run it again to re-make this page.", ""]
