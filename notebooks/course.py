@@ -82,14 +82,15 @@ def outputs(needed, optional=()):
     ckpt.pt there, a tiny run into $RLHF_TINY (else a new temporary folder) stands in, and makes the
     `optional` stages too. Prints the folder and each checkpoint's arguments."""
     out = REPO / (os.environ.get("RLHF_OUT") or "out")  # an absolute $RLHF_OUT replaces REPO
-    where = " ($RLHF_OUT)" if os.environ.get("RLHF_OUT") else ""
+    where = (" (named by $RLHF_OUT; unset, this cell reads out/, where your own `bash pipeline.sh` writes)"
+             if os.environ.get("RLHF_OUT") else ", where `bash pipeline.sh` writes")
     stages = list(needed) + list(optional)
     if not all(Path(out, stage, "ckpt.pt").is_file() for stage in needed):
         tiny = Path(os.environ.get("RLHF_TINY") or tempfile.mkdtemp(prefix="rlhf_tiny_"))
         print(f"no pipeline outputs in {shown(out)}{where}: a tiny run into {tiny} stands in")
         tiny_run(tiny, stages)
         out, where = tiny, " (the tiny run)"
-    print(f"outputs: {shown(out)}{where}")
+    print(f"outputs: the run in {shown(out)}{where}")
     for stage in stages:
         if Path(out, stage, "ckpt.pt").is_file():
             print(f"  {stage}: {changed_args(out, stage)}")

@@ -257,14 +257,15 @@ def split_dialogue(path, lineno, chosen, rejected, skipped):
     """HH-RLHF stores two full dialogues that share everything up to their last assistant turn: the
     shared part, up to and including the last "\n\nAssistant:" they have in common, is the prompt; the
     rest of each is its answer. Returns None (and counts the line) when the dialogues part ways earlier,
-    so that an "answer" would hold a human turn: then they are not two answers to one prompt."""
+    so that an "answer" would hold another turn, the human's or the assistant's: then they are not two
+    answers to one prompt."""
     common = 0
     while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
         common += 1
     cut = chosen.rfind(ASSISTANT, 0, common) + len(ASSISTANT)
     if cut < len(ASSISTANT):
         raise DataError(f"{path}:{lineno}: 'chosen' and 'rejected' do not share a prompt ending in '\\n\\nAssistant:'")
-    if HUMAN in chosen[cut:] or HUMAN in rejected[cut:]:
+    if any(turn in answer for turn in (HUMAN, ASSISTANT) for answer in (chosen[cut:], rejected[cut:])):
         skipped.add(lineno, "dialogues that differ before their last turn")
         return None
     return chosen[:cut], chosen[cut:], rejected[cut:]

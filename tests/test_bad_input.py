@@ -106,11 +106,13 @@ def test_rows_that_cannot_teach_are_skipped_with_their_lines(tmp_path, capsys):
     diverging = json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
                             "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: x\n\nAssistant: y"})
     empty_answer = json.dumps({"prompt": "Human: hi\n\nAssistant:", "chosen": " Hi.", "rejected": "  "})
-    path = jsonl(tmp_path / "mixed.jsonl", GOOD_PAIR, diverging, empty_answer, GOOD_PAIR)
+    extra_assistant_turn = json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: more",
+                                       "rejected": "\n\nHuman: a\n\nAssistant: c"})
+    path = jsonl(tmp_path / "mixed.jsonl", GOOD_PAIR, diverging, empty_answer, GOOD_PAIR, extra_assistant_turn)
     rows = load_preferences(path)
     out = capsys.readouterr().out
     assert len(rows) == 2
-    assert "skipped 1 line(s) with dialogues that differ before their last turn (line 2)" in out
+    assert "skipped 2 line(s) with dialogues that differ before their last turn (line 2, 5)" in out
     assert "skipped 1 line(s) with an empty answer (line 3)" in out
     demos = jsonl(tmp_path / "demos.jsonl", json.dumps({"prompt": "", "response": " x"}),
                   json.dumps({"prompt": "p", "response": " x"}))

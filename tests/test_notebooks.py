@@ -60,3 +60,6 @@ def test_saved_outputs_are_clean(name):
             text = o.get("text", "") + "".join(o.get("traceback", []))
             assert o.output_type != "error" and "Traceback" not in text, f"{name}: a cell failed: {o.get('ename')}"
             assert "a tiny run into" not in text, f"{name} is saved with the outputs of the tiny run"
+    # the saved run's folder was on another machine: the first cell also says where a reader's run goes
+    first = "".join(o.get("text", "") for o in cells[0].outputs)
+    assert first.startswith("outputs: the run in ") and "out/, where your own `bash pipeline.sh` writes" in first

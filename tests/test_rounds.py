@@ -161,8 +161,8 @@ def test_bad_rounds_and_resume_values_are_one_line(tmp_path):
 def test_a_stage_that_refuses_its_input_is_not_offered_resume(tmp_path):
     """A stage that exits 2 said what was wrong with its input: pipeline.sh says to fix it, not RESUME=1
     (nothing was trained, so there is nothing to continue)."""
-    code, log = pipeline(tmp_path / "out", SEED="abc")
-    assert code == 2 and "argument --seed: invalid int value: 'abc'" in log
+    code, log = pipeline(tmp_path / "out", SFT_FLAGS="--batch_size 0")
+    assert code == 2 and "error: --batch_size must be >= 1, got 0" in log
     assert log.strip().splitlines()[-1] == ("pipeline.sh: sft refused its input (exit 2): fix what the error says and "
                                             "run again")
     assert "RESUME" not in log
