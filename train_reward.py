@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from model import RewardModel
 from support import memory, task
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
-from support.comparisons import load_comparisons
+from support.comparisons import fit_batch_size, load_comparisons
 from support.data import DataError, Tokenizer, encode_prompt, load_preferences, pad_batch
 from support.sampling import sample_answers
 from support.speedups import answer_rewards
@@ -123,7 +123,7 @@ def check_config(cfg):
 def bradley_terry_loss(r_chosen, r_rejected, margin=None):
     """-log sigmoid(r_chosen - r_rejected [- margin]), one value per pair. logsigmoid, not
     log(sigmoid(.)): for a badly wrong pair sigmoid underflows to 0 and the log to -inf."""
-    # exercise bt_loss: -log sigmoid(r_chosen - r_rejected - margin) per pair via F.logsigmoid; margin may be None
+    # exercise bt_loss: -log P(chosen beats rejected), one per pair (docstring); check: finite when the gap is -2e4
     diff = r_chosen - r_rejected
     if margin is not None:
         diff = diff - margin
@@ -253,6 +253,7 @@ def main(cfg):
 
     # ---- 2. comparisons: {prompt ids, answer ids best-first, scores} per prompt, tokenized once ----
     train_groups, eval_groups, trunc = load_comparisons(cfg, tok, policies, extra_records)
+    cfg = fit_batch_size(cfg, train_groups)  # a short labelling session: each step takes every comparison
 
     # ---- 3. the reward model: the SFT transformer, its vocabulary head replaced by a scalar head ----
     resume = load_checkpoint(ckpt_path, "reward") if cfg.resume else None

@@ -49,6 +49,8 @@ def load_checkpoint(path, stages, map_location="cpu"):
     """The checkpoint dict, after checking that it is ours and was written by one of `stages`."""
     path = Path(path)
     stages = (stages,) if isinstance(stages, str) else tuple(stages)
+    if path.is_dir():
+        raise LoadError(f"{path} is a folder; pass the checkpoint in it, {path / 'ckpt.pt'}")
     if not path.is_file():
         hint = " or ".join(dict.fromkeys(STAGE_SCRIPTS[s] for s in stages))
         raise LoadError(f"{path}: no such checkpoint; train one with {hint}, or fix the path")

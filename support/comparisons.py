@@ -6,6 +6,7 @@ SFT model's) or of the task's demonstrator; otherwise they come from a preferenc
 reads the formats). train_reward.py calls load_comparisons; the rounds after it read comparisons.jsonl.
 """
 
+import dataclasses
 import json
 import random
 import time
@@ -115,9 +116,20 @@ def load_comparisons(cfg, tok, policies, extra_records):
               "with its tokens")
     if cfg.margin_coef > 0 and any(not g.get("scores") for g in train_groups):
         raise DataError(f"{cfg.data}: --margin_coef needs a score for every answer (chosen_score and rejected_score)")
-    if len(train_groups) < cfg.batch_size:
-        raise DataError(f"{cfg.data}: {len(train_groups)} comparisons, fewer than --batch_size {cfg.batch_size}")
+    if not train_groups:  # a file of one comparison: the eval holds it out
+        raise DataError(f"{cfg.data}: no comparison to train on ({len(eval_groups)} held out for the eval); rank more "
+                        "answers (ties and skips teach no order), or pass --eval_data FILE")
     n_pairs = sum(len(g["answers"]) * (len(g["answers"]) - 1) // 2 for g in train_groups)
     print(f"data: {len(train_groups)} prompts ({n_pairs} pairs) train, {len(eval_groups)} eval, from {cfg.data}; "
           f"{trunc.report()}")
     return train_groups, eval_groups, trunc
+
+
+def fit_batch_size(cfg, train_groups):
+    """A copy of cfg whose batch is at most the comparisons there are: a short labelling session
+    (tools/label.py) gives a few, and each step then takes them all, said in one line."""
+    if len(train_groups) >= cfg.batch_size:
+        return cfg
+    print(f"{cfg.data}: {len(train_groups)} comparisons to train on, fewer than --batch_size {cfg.batch_size}: "
+          f"each step takes all {len(train_groups)}")
+    return dataclasses.replace(cfg, batch_size=len(train_groups))

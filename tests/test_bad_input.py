@@ -121,15 +121,17 @@ def test_rows_that_cannot_teach_are_skipped_with_their_lines(tmp_path, capsys):
         load_preferences(jsonl(tmp_path / "none.jsonl", empty_answer))
 
 
-def test_margin_without_scores_and_too_few_comparisons(tmp_path, ckpts):
+def test_margin_without_scores_no_comparison_to_train_on_and_a_folder_for_a_checkpoint(tmp_path, ckpts):
     data = jsonl(tmp_path / "pairs.jsonl", *[GOOD_PAIR] * 40)
     sft = ckpts / "sft" / "ckpt.pt"
     code, out = run_script("train_reward.py", "--data", data, "--sft", sft, "--margin_coef", 1,
                            "--out_dir", tmp_path / "a")
     assert_one_error(code, out, "pairs.jsonl: --margin_coef needs a score for every answer")
-    code, out = run_script("train_reward.py", "--data", data, "--sft", sft, "--batch_size", 64,
+    code, out = run_script("train_reward.py", "--data", jsonl(tmp_path / "one.jsonl", GOOD_PAIR), "--sft", sft,
                            "--out_dir", tmp_path / "b")
-    assert_one_error(code, out, "pairs.jsonl: 36 comparisons, fewer than --batch_size 64")
+    assert_one_error(code, out, "one.jsonl: no comparison to train on (1 held out for the eval)")
+    code, out = run_script("train_reward.py", "--data", data, "--sft", ckpts / "sft", "--out_dir", tmp_path / "c")
+    assert_one_error(code, out, f"{ckpts / 'sft'} is a folder; pass the checkpoint in it, {sft}")
 
 
 def test_text_outside_the_compact_vocabulary(tmp_path, ckpts):

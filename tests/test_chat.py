@@ -21,7 +21,7 @@ BANANA = "What color is a banana?"
 def run_dir(tmp_path_factory):
     """A folder laid out as pipeline.sh lays it out (sft/, ppo/, reward/ with a ckpt.pt each), holding
     untrained one-layer models with the task's tokenizer: made in a blink, and their answers are noise,
-    which is all these tests need. Block size 64, so that a few turns overflow it."""
+    which is all these tests need. Trained, as the stages record it, on the built-in task (--data default)."""
     out = tmp_path_factory.mktemp("run")
     tok = Tokenizer.for_texts(task.vocabulary_texts())
     config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)
@@ -29,8 +29,20 @@ def run_dir(tmp_path_factory):
     reward_model = RewardModel(config)
     torch.nn.init.normal_(reward_model.reward_head.proj.weight)  # a zero head would score every answer 0
     for stage, model in (("sft", GPT(config)), ("ppo", PolicyWithValue(config)), ("reward", reward_model)):
-        save_checkpoint(out / stage / "ckpt.pt", model, stage, 0, {}, tok.state())
+        save_checkpoint(out / stage / "ckpt.pt", model, stage, 0, {"data": "default"}, tok.state())
     return out
+
+
+@pytest.fixture(scope="module")
+def dialogue_ckpt(tmp_path_factory):
+    """An untrained one-layer sft model with GPT-2's vocabulary, recorded as trained on a file of dialogues: a
+    model that keeps the conversation. Block size 64, so that a few turns overflow it."""
+    path = tmp_path_factory.mktemp("dialogue") / "sft" / "ckpt.pt"
+    tok = Tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(path, model, "sft", 0, {"data": "hh_rlhf.jsonl"}, tok.state())
+    return path
 
 
 def chat(*flags, stdin=""):
@@ -76,24 +88,49 @@ def test_fit_turns_drops_the_oldest_turns():
     assert fit_turns(tok, turns, BANANA, len(alone) - 1) == (None, 3)
 
 
-def test_scripted_conversation(run_dir):
-    """Answers each message; gold only on a one-turn prompt of the task (so it shows what /reset
-    forgot); drops the oldest turn when the block is full, and says so; a word outside the compact
-    vocabulary is one line and the chat goes on; /quit ends it with exit code 0."""
-    script = [BANANA, BANANA, "Thanks, robot!", "What is 3 plus 4?", "/reset", BANANA, "/quit", BANANA]
-    code, out, err = chat("--checkpoint", run_dir / "sft" / "ckpt.pt", "--max_new_tokens", 16, "--reward", "none",
+def test_task_models_take_one_question_at_a_time(run_dir):
+    """The task's models were trained on single questions: each message starts a new conversation (said once,
+    at the start), so every question of the task gets its gold score and the same question, greedily, the same
+    answer; a missing gold score says why; a word outside the compact vocabulary is one line and the chat goes
+    on. Stage folders stand for their ckpt.pt, and the reward model beside them is found."""
+    script = [BANANA, "What is 3 plus 4?", "What color is a plum and a banana?", "Thanks, robot!", BANANA]
+    code, out, err = chat("--checkpoint", f"{run_dir / 'sft'},{run_dir / 'ppo'}", "--max_new_tokens", 16,
+                          "--temperature", 0, stdin="\n".join(script) + "\n")
+    assert code == 0, err
+    assert out.count("each message starts a new conversation") == 1
+    assert "sft, ppo: trained on the built-in task's questions one at a time, so each message starts a new " \
+           "conversation\n" in out
+    assert f"reward: {run_dir / 'reward' / 'ckpt.pt'} scores the answers of sft, ppo\n" in out
+    assert "commands: /quit leaves\n" in out  # nothing for /reset to forget
+    banana, sum_, plum, thanks, banana_again = replies(out)
+    for reply in (banana, sum_, banana_again):
+        answers = [line for line in reply.splitlines() if line.startswith(("sft>", "ppo>"))]
+        assert len(answers) == 2 and all("reward " in a and "gold " in a for a in answers), reply
+    assert plum.count("[") == 2 and plum.count("no gold: not a question of the built-in task]") == 2, plum
+    assert banana_again.rstrip("\n") == banana  # greedy: the same prompt, the same answers
+    assert thanks.splitlines()[1:] == [
+        f"{name}> (this model knows only the built-in task's words, not 'Thanks, robot!'; try e.g. 'What color is a "
+        "banana?'; the conversation goes on)" for name in ("sft", "ppo")]
+    assert "dropped" not in out
+
+
+def test_a_model_that_holds_a_conversation_keeps_it(dialogue_ckpt):
+    """A model trained on dialogues keeps the conversation until /reset; gold only on a question that starts
+    one, and the answers after it say why there is none; the oldest turn is dropped when the block is full,
+    and the chat says so; /quit ends it with exit code 0."""
+    script = [BANANA, BANANA, "What is 3 plus 4?", "/reset", BANANA, "/quit", BANANA]
+    code, out, err = chat("--checkpoint", dialogue_ckpt, "--max_new_tokens", 16, "--reward", "none",
                           stdin="\n".join(script) + "\n")
     assert code == 0, err
+    assert "one at a time" not in out and "commands: /reset forgets the conversation, /quit leaves\n" in out
     said = replies(out)
-    assert len(said) == 7  # nothing after /quit is read
-    first, again, thanks, sum_, reset, after_reset, _ = said
+    assert len(said) == 6  # nothing after /quit is read
+    first, again, sum_, reset, after_reset, _ = said
     for reply in (first, again, sum_, after_reset):
         assert "\nsft>" in reply
-    assert "gold" in first and "gold" not in again and "gold" in after_reset
+    assert "gold" in first and "gold" in after_reset and "no gold" not in first + after_reset
+    assert "no gold: the judge scores a question alone, not a conversation (/reset)]" in again
     assert "reward" not in first
-    assert thanks.splitlines()[1:] == [
-        "sft> (this model knows only the built-in task's words, not 'Thanks, robot!'; try e.g. 'What color is a "
-        "banana?'; the conversation goes on)"]
     assert "dropped the oldest 1 turn(s)" in sum_  # 3 turns of 12 + 16 tokens do not fit in 64 - 16
     assert "(conversation forgotten)" in reset
 
@@ -118,3 +155,10 @@ def test_reward_checkpoint_as_policy_is_one_error_line(run_dir):
     assert code == 2
     assert err.splitlines() == [f"error: {run_dir / 'reward' / 'ckpt.pt'} is a 'reward' checkpoint, but a 'sft' "
                                 "(from train_sft.py) or 'ppo' (from train_ppo.py) checkpoint is needed here"]
+
+
+def test_a_folder_without_a_checkpoint_is_one_error_line(tmp_path):
+    code, out, err = chat("--checkpoint", tmp_path, stdin=BANANA + "\n")
+    assert code == 2
+    assert err.splitlines() == [f"error: {tmp_path / 'ckpt.pt'}: no such checkpoint; train one with train_sft.py or "
+                                "train_ppo.py, or fix the path"]

@@ -3,6 +3,9 @@ output read back, and the JSONL it writes read by the reward model's own loader 
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,6 +207,63 @@ def test_train_reward_trains_on_the_labels(sft_ckpt, policy_session, tmp_path):
     assert (tmp_path / "reward" / "ckpt.pt").is_file()
 
 
+def readme_labeller_commands():
+    """The commands of README.md's "Be the labeller" item, in their order, each as its words."""
+    readme = (REPO / "README.md").read_text()
+    item = readme.split("- **Be the labeller.**", 1)[1].split("\n- **", 1)[0]
+    commands = re.findall(r"`(python [^`]+)`|^ {6}(python [^#\n]+)", item, flags=re.MULTILINE)
+    return [shlex.split(inline or block) for inline, block in commands]
+
+
+def test_readme_labeller_commands_work_as_written(sft_ckpt, tmp_path):
+    """After the session the README shows (ten prompts, two answers each, a tie and a skip among them), its
+    commands train a reward model on the labels alone and beside the simulated labellers', run as written in
+    a folder laid out as pipeline.sh lays it out: a short session's few comparisons make each step's whole
+    batch. The run beside the simulated labellers gets the smaller --n_train and --max_iters the README names
+    for a shorter run."""
+    label_cmd, alone_cmd, beside_cmd = readme_labeller_commands()
+    assert label_cmd[:2] == ["python", "tools/label.py"] and "--data" in alone_cmd and "--extra_data" in beside_cmd
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    shutil.copy(sft_ckpt, tmp_path / "out" / "sft" / "ckpt.pt")
+
+    def run(words, stdin="", extra=()):
+        proc = subprocess.run([sys.executable, str(REPO / words[1]), *words[2:], *map(str, extra)], input=stdin,
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    session = run(label_cmd, stdin="2\n1\nt\n2\n2\ns\n1\n2\n1\n2\n")
+    assert "[10/10]" in session and "all 10 prompts of this session are judged in labels.jsonl" in session
+    alone = run(alone_cmd)
+    assert "data: 7 prompts (7 pairs) train, 1 eval, from labels.jsonl" in alone
+    assert "labels.jsonl: 7 comparisons to train on, fewer than --batch_size 16: each step takes all 7" in alone
+    beside = run(beside_cmd, extra=("--n_train", 16, "--max_iters", 10))
+    assert "labels.jsonl: 8 more comparisons to train on" in beside
+    for out_dir in (alone_cmd, beside_cmd):
+        assert (tmp_path / out_dir[out_dir.index("--out_dir") + 1] / "ckpt.pt").is_file()
+
+
+def test_one_ranking_is_too_few_to_hold_one_out(sft_ckpt, tmp_path):
+    """The eval holds out the last 10% of --data, at least one comparison: one ranking leaves none to train on."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"prompt": SUM, "answers": list(SUM_ANSWERS), "labeller": "human"}) + "\n")
+    code, stdout, err = label("--sft", sft_ckpt, "--data", labels, "--out_dir", tmp_path / "reward", "--device", "cpu",
+                              script="train_reward.py")
+    assert code == 2 and err == (f"error: {labels}: no comparison to train on (1 held out for the eval); rank more "
+                                 "answers (ties and skips teach no order), or pass --eval_data FILE\n")
+
+
+def test_a_session_that_judged_nothing_leaves_no_file(candidates, tmp_path):
+    """The labels file is made at the first judgement: quitting at once leaves nothing for train_reward.py to
+    trip over."""
+    out = tmp_path / "labels.jsonl"
+    code, stdout, err = label("--candidates", candidates, "--out", out, stdin="q\n")
+    assert code == 0, err
+    assert f"stopped at prompt 1 of 5, nothing written for it; 0 judged in {out}" in stdout
+    assert not out.exists()
+
+
 def test_ctrl_c_stops_the_session_cleanly(candidates, tmp_path):
     """Ctrl-C while the tool waits for a key (or is about to): exit 0, the judgements made are kept, none
     for the prompt on screen, and the message says how to continue."""
@@ -253,9 +313,10 @@ def test_broken_labels_file_is_named_not_overwritten(candidates, tmp_path):
     assert code == 2 and err == f"error: {out}:2: not valid JSON (Expecting value); fix or delete that line\n"
 
 
-def test_stdin_that_is_no_terminal_file_or_pipe_is_refused(candidates, tmp_path):
+def test_stdin_from_dev_null_is_refused_unless_the_session_is_finished(candidates, tmp_path):
     """/dev/null (what a job started without input gets) would end the session before its first key:
-    refused with one line, before anything is loaded or written."""
+    refused with one line, before anything is shown or written. A finished session asks nothing: with the
+    same stdin it says that it is finished."""
     out = tmp_path / "labels.jsonl"
     proc = subprocess.run([sys.executable, "tools/label.py", "--candidates", candidates, "--out", out], cwd=REPO,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
@@ -264,3 +325,10 @@ def test_stdin_that_is_no_terminal_file_or_pipe_is_refused(candidates, tmp_path)
                                         "a terminal or pipe the keys in (e.g. printf '21\\n12\\n' | python "
                                         "tools/label.py ...)"]
     assert not out.exists()
+    code, stdout, err = label("--candidates", candidates, "--out", out, "--n", 2, stdin="123\n1\n")
+    assert code == 0, err
+    proc = subprocess.run([sys.executable, "tools/label.py", "--candidates", candidates, "--out", out, "--n", "2"],
+                          cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming: 2 judgements already in {out}\n\nall 2 prompts of this session are judged in {out}\n" \
+        in proc.stdout

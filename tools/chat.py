@@ -2,22 +2,28 @@
 Talk to the pipeline's models in the terminal: one model, or several side by side.
 
     python tools/chat.py                                      # the PPO policy of out/ (out/ppo/ckpt.pt)
-    python tools/chat.py --checkpoint out/sft/ckpt.pt         # any sft or ppo checkpoint
+    python tools/chat.py --checkpoint out/sft/ckpt.pt         # any sft or ppo checkpoint (or its folder, out/sft)
     python tools/chat.py --weights DIR                        # a local Hugging Face GPT-2 folder: the base model
     python tools/chat.py --checkpoint out/sft/ckpt.pt,out/ppo/ckpt.pt,out/ppo_nokl/ckpt.pt   # side by side
     echo "What color is a banana?" | python tools/chat.py     # stdin need not be a terminal
 
-Each message is wrapped in the chat format every stage was trained on, the turns joined as in HH-RLHF,
+Each message is wrapped in the chat format every stage was trained on, "Human: <message>\\n\\nAssistant:",
+and the answer is sampled after it, one token at a time from the KV cache, and printed as it comes.
+
+A model trained on the built-in task saw one question at a time, never a conversation: given its own
+earlier turns it answers nonsense. So for such a model each message starts a new conversation (the chat
+says so once, at the start). The others (GPT-2's weights, a model trained on a data file such as
+HH-RLHF's dialogues) keep the conversation, its turns joined as in HH-RLHF,
 
     Human: <message 1>\\n\\nAssistant: <answer 1>\\n\\nHuman: <message 2>\\n\\nAssistant:
 
-and the answer is sampled after the last "Assistant:", one token at a time from the KV cache, and
-printed as it comes. A model reads at most block_size tokens (128 for the task's tiny model), its answer
+until /reset. A model reads at most block_size tokens (128 for the task's tiny model), its answer
 included: the oldest turns are dropped to leave max_new_tokens free, and the chat says so.
 
-Side by side, every model keeps its own conversation (its own answers) and answers each message in
-turn. Each answer shows its reward-model score (with out/reward/ckpt.pt beside the checkpoints, or
---reward) and, on a one-turn prompt of the built-in task, the gold judge's score.
+Side by side, every model answers each message in turn, and one that keeps the conversation keeps its
+own (its own answers). Each answer shows its reward-model score (with out/reward/ckpt.pt beside the
+checkpoints, or --reward) and, on a question of the built-in task that starts a conversation, the gold
+judge's score; where a score is missing, the answer says why.
 
 Commands: /reset forgets the conversation, /quit (or the end of the input) leaves.
 """
@@ -45,8 +51,8 @@ EXAMPLE = "What color is a banana?"  # a request of the built-in task, for the h
 class Config:
     """Chat with sft or ppo checkpoints (several: side by side) or a GPT-2 folder, in the stages' chat format."""
 
-    checkpoint: str = flag("", "sft or ppo ckpt.pt to talk to; several, comma-separated, answer each message side by "
-                           "side (default: out/ppo/ckpt.pt, unless --weights is given)")
+    checkpoint: str = flag("", "sft or ppo ckpt.pt (or its folder) to talk to; several, comma-separated, answer each "
+                           "message side by side (default: out/ppo/ckpt.pt, unless --weights is given)")
     weights: str = flag("", "a local Hugging Face GPT-2 folder (the base model, GPT-2's full vocabulary), alone or "
                         "beside --checkpoint")
     reward: str = flag("auto", "reward-model ckpt.pt that scores each answer; 'auto': reward/ckpt.pt beside the first "
@@ -156,12 +162,15 @@ class Speaker:
     model: GPT
     tok: Tokenizer
     generator: torch.Generator
+    keeps_turns: bool  # False: trained on one question at a time, each message starts a new conversation
     turns: list = field(default_factory=list)  # (message, answer token ids) so far
     reward_model: torch.nn.Module | None = None  # what scores its answers (a reward model with its tokenizer)
 
 
 def checkpoint_paths(cfg):
+    """--checkpoint's files; a stage folder (out/sft) stands for the ckpt.pt its stage writes there."""
     paths = [p.strip() for p in cfg.checkpoint.split(",") if p.strip()]
+    paths = [str(Path(p) / "ckpt.pt") if Path(p).is_dir() else p for p in paths]
     return paths or ([] if cfg.weights else ["out/ppo/ckpt.pt"])
 
 
@@ -172,14 +181,16 @@ def load_speakers(cfg, device):
         vocab = f"the task's {len(ckpt['tokenizer']['table'])}-token vocabulary" if ckpt["tokenizer"]["table"] \
             else "GPT-2's vocabulary"
         about = f"{ckpt['stage']} checkpoint, step {ckpt['step']}, {vocab}"
+        # the stage's --data: 'default' is the built-in task, one question per example
+        keeps_turns = ckpt["train_args"].get("data", "default") != "default"
         loaded.append((Path(path).parent.name, path, policy_from_checkpoint(ckpt, cfg.attn_impl),
-                       Tokenizer.from_state(ckpt["tokenizer"]), about))
+                       Tokenizer.from_state(ckpt["tokenizer"]), about, keeps_turns))
     if cfg.weights:
         loaded.append((Path(cfg.weights).name, cfg.weights, load_gpt2_weights(cfg.weights, cfg.attn_impl),
-                       Tokenizer(), "GPT-2 weights, GPT-2's vocabulary"))
+                       Tokenizer(), "GPT-2 weights, GPT-2's vocabulary", True))
     names = [name for name, *_ in loaded]
     speakers = []
-    for name, path, model, tok, about in loaded:
+    for name, path, model, tok, about, keeps_turns in loaded:
         name = name if names.count(name) == 1 else path  # two ppo/ckpt.pt of different runs: their paths
         check(cfg.max_new_tokens < model.config.block_size,
               f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a message in {name}'s block size "
@@ -187,7 +198,11 @@ def load_speakers(cfg, device):
         print(f"{name}: {path} ({about}, {model.num_params() / 1e6:.2f}M parameters, block size "
               f"{model.config.block_size})")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the same stream for every model
-        speakers.append(Speaker(name, model.to(device).eval(), tok, generator))
+        speakers.append(Speaker(name, model.to(device).eval(), tok, generator, keeps_turns))
+    one_question = [sp.name for sp in speakers if not sp.keeps_turns]
+    if one_question:
+        print(f"{', '.join(one_question)}: trained on the built-in task's questions one at a time, so each message "
+              "starts a new conversation")
     return speakers
 
 
@@ -233,7 +248,8 @@ def print_answer(sp, prompt_ids, cfg):
 
 
 def respond(sp, message, cfg):
-    """One model's turn: fit the conversation into its block, stream the answer, score it, remember it."""
+    """One model's turn: fit the conversation into its block, stream the answer, score it, and remember it
+    if the model keeps the conversation."""
     block = sp.model.config.block_size
     try:
         prompt_ids, dropped = fit_turns(sp.tok, sp.turns, message, block - cfg.max_new_tokens)
@@ -253,13 +269,20 @@ def respond(sp, message, cfg):
     answer_ids = print_answer(sp, prompt_ids, cfg)
     answer = sp.tok.decode_answer(answer_ids)
     notes = [] if answer_ids[-1] == sp.tok.eos_id else [f"cut at {cfg.max_new_tokens} tokens"]
-    if sp.reward_model is not None and len(prompt_ids) + len(answer_ids) <= sp.reward_model.config.block_size:
-        notes.append(f"reward {reward_score(sp.reward_model, prompt_ids + answer_ids):.2f}")
-    gold = task.gold_or_none(task.format_prompt(message), answer) if not sp.turns else None  # it judges one turn
-    if gold is not None:
+    if sp.reward_model is not None:
+        reward_block = sp.reward_model.config.block_size
+        notes.append(f"reward {reward_score(sp.reward_model, prompt_ids + answer_ids):.2f}"
+                     if len(prompt_ids) + len(answer_ids) <= reward_block
+                     else f"no reward: longer than the reward model's block size {reward_block}")
+    if sp.turns:
+        notes.append("no gold: the judge scores a question alone, not a conversation (/reset)")
+    elif (gold := task.gold_or_none(task.format_prompt(message), answer)) is None:
+        notes.append("no gold: not a question of the built-in task")
+    else:
         notes.append(f"gold {gold:.2f}")
-    print(f"   [{', '.join(notes)}]" if notes else "", flush=True)
-    sp.turns.append((message, [t for t in answer_ids if t != sp.tok.eos_id]))
+    print(f"   [{', '.join(notes)}]", flush=True)
+    if sp.keeps_turns:
+        sp.turns.append((message, [t for t in answer_ids if t != sp.tok.eos_id]))
 
 
 def read_message(interactive):
@@ -282,7 +305,7 @@ def main(cfg):
     speakers = load_speakers(cfg, device)
     load_reward_model(cfg, speakers, device)
     interactive = sys.stdin.isatty()
-    print(f"commands: {COMMANDS}")
+    print(f"commands: {COMMANDS if any(sp.keeps_turns for sp in speakers) else '/quit leaves'}")
     try:
         while (message := read_message(interactive)) is not None:
             if message == "/quit":

@@ -6,8 +6,8 @@ to a JSONL file in the rankings format that train_reward.py reads, so your label
     python tools/label.py --policy out/ppo/ckpt.pt --k 4 --n 50 --out round2.jsonl
     python tools/label.py --policy out/sft/ckpt.pt --prompts my_prompts.jsonl --n 0      # every prompt of a file
     python tools/label.py --candidates ../shared/data/preferences_sample.jsonl    # judge a data set's answers again
-    python train_reward.py --extra_data labels.jsonl            # train on them, beside the simulated labellers
-    python train_reward.py --data labels.jsonl                  # or on them alone
+    python train_reward.py --data labels.jsonl --out_dir out/reward_mine         # a reward model of them alone
+    python train_reward.py --extra_data labels.jsonl --out_dir out/reward_both   # or beside the simulated labellers
     printf '21\\nt\\n' | python tools/label.py --policy out/sft/ckpt.pt    # stdin may be a pipe or a file
 
 Keys, each followed by Enter:
@@ -96,8 +96,9 @@ def check_config(cfg):
 
 
 def check_stdin():
-    """A terminal, a file or a pipe. A job started without input gets /dev/null (a character device, like a
-    terminal, but not one) or a socket: the session would end at once, before the first key, unexplained."""
+    """A terminal, a file or a pipe, once there is a question to ask. A job started without input gets
+    /dev/null (a character device, like a terminal, but not one) or a socket: the session would end at once,
+    before the first key, unexplained."""
     try:
         tty, mode = sys.stdin.isatty(), os.fstat(sys.stdin.fileno()).st_mode
     except (AttributeError, OSError, ValueError):  # no stdin at all, or a closed one
@@ -198,6 +199,18 @@ def judgement(prompt, answers, action, order):
     return {"prompt": prompt, "answers": answers, action: True, "labeller": "human"}
 
 
+def append_judgement(path, record):
+    """Append one judgement to the labels file, on disk at once: the file is the session's state. The file is
+    made at the first judgement, so a session that judged nothing leaves none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    glued = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with open(path, "a", encoding="utf-8") as f:
+        if glued:
+            f.write("\n")  # a last line saved without its newline: ours must not be glued to it
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def read_labels(path):
     """The judgements in a labels file (none if it is missing or empty), as (prompt, answers, record): lines
     without a text prompt and a list of answers, if any, are not judgements. A line that is not JSON is
@@ -240,9 +253,10 @@ def agreed_text(agreed, pairs):
 # The session
 
 
-def ask(k, interactive):
+def ask(k):
     """The next judgement from stdin; a bad key or ? prints a line and asks again. The end of the input and
     Ctrl-C quit. Without a terminal the key is echoed, so that the output reads as a session."""
+    interactive = sys.stdin.isatty()
     while True:
         try:
             line = input(PROMPT) if interactive else input()
@@ -278,37 +292,31 @@ def session(cfg, device):
     if done:
         print(f"resuming: {done} judgement{'s' * (done > 1)} already in {cfg.out}")
     if done < len(items):
+        check_stdin()  # only now: a finished session needs no keys, whatever its stdin
         print(f"keys: {KEYS}")
-    interactive = sys.stdin.isatty()
     agreed = pairs = 0
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        if out.stat().st_size and not out.read_bytes().endswith(b"\n"):
-            f.write("\n")  # a last line saved without its newline: ours must not be glued to it
-        for number, (prompt, answers) in enumerate(items[done:], start=done + 1):
-            print(f"\n[{number}/{len(items)}] {prompt}")
-            for i, answer in enumerate(answers, start=1):
-                print(f"  {i}) " + answer.strip().replace("\n", "\n     "))
-            action, order = ask(len(answers), interactive)
-            if action == "quit":
-                print(f"stopped at prompt {number} of {len(items)}, nothing written for it; {number - 1} judged in "
-                      f"{cfg.out}: run the same command to continue")
-                break
-            f.write(json.dumps(judgement(prompt, answers, action, order), ensure_ascii=False) + "\n")
-            f.flush()  # the file is the session's state: a line per judgement, on disk at once
-            gold = gold_scores(prompt, answers)
-            if gold is not None:  # only now: shown before, the judge's scores would make the judgement
-                line = "gold: " + "  ".join(f"{i}) {g:+.2f}" for i, g in enumerate(gold, start=1))
-                if action == "rank":
-                    a, p = gold_agreement(order, gold)
-                    agreed, pairs = agreed + a, pairs + p
-                    line += f"; you agreed on {a} of {p} pairs here" if p else "; it tells none of them apart"
-                    line += f", {agreed_text(agreed, pairs)} so far" if pairs else ""
-                print(line)
-        else:
-            print(f"\nall {len(items)} prompts of this session are judged in {cfg.out}"
-                  + ("; another --seed gives new ones" if cfg.policy and not cfg.prompts else ""))
+    for number, (prompt, answers) in enumerate(items[done:], start=done + 1):
+        print(f"\n[{number}/{len(items)}] {prompt}")
+        for i, answer in enumerate(answers, start=1):
+            print(f"  {i}) " + answer.strip().replace("\n", "\n     "))
+        action, order = ask(len(answers))
+        if action == "quit":
+            print(f"stopped at prompt {number} of {len(items)}, nothing written for it; {number - 1} judged in "
+                  f"{cfg.out}: run the same command to continue")
+            break
+        append_judgement(cfg.out, judgement(prompt, answers, action, order))
+        gold = gold_scores(prompt, answers)
+        if gold is not None:  # only now: shown before, the judge's scores would make the judgement
+            line = "gold: " + "  ".join(f"{i}) {g:+.2f}" for i, g in enumerate(gold, start=1))
+            if action == "rank":
+                a, p = gold_agreement(order, gold)
+                agreed, pairs = agreed + a, pairs + p
+                line += f"; you agreed on {a} of {p} pairs here" if p else "; it tells none of them apart"
+                line += f", {agreed_text(agreed, pairs)} so far" if pairs else ""
+            print(line)
+    else:
+        print(f"\nall {len(items)} prompts of this session are judged in {cfg.out}"
+              + ("; another --seed gives new ones" if cfg.policy and not cfg.prompts else ""))
     if pairs:
         print(f"this session, you agreed with the gold judge on {agreed_text(agreed, pairs)}")
     rankings, file_agreed, file_pairs = file_agreement(read_labels(cfg.out))
@@ -319,7 +327,6 @@ def session(cfg, device):
 
 def main(cfg):
     check_config(cfg)
-    check_stdin()  # before loading anything: the user learns at once
     device = pick_device(cfg.device, cfg.attn_impl)
     try:
         session(cfg, device)
