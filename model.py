@@ -328,7 +328,7 @@ class RewardModel(nn.Module):
 
     def read_reward(self, hidden, attention_mask):
         """r = w . h_last + b - offset from the final hidden states (B, T, C) of the sequences."""
-        # exercise reward_at_eos: h_last (B, C), hidden at each row's last real token (last_token_index)
+        # exercise reward_at_eos: h_last (B, C), each row's last real token; check: r the same padded left or right
         last = last_token_index(attention_mask)  # (B,)
         h_last = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, C)
         # end exercise

@@ -148,7 +148,7 @@ def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
     """r_t = -kl_coef * (logp - logp_ref) on every action, plus the score on the last action. logp - logp_ref is
     the sampled estimate of KL(pi || pi_ref) at that token (its expectation under the policy is the KL); it
     lands only where the policy acted (not on the prompt, not on padding)."""
-    # exercise kl_rewards: kl = logp - logp_ref on the actions; rewards = -kl_coef * kl, + score at the last action
+    # exercise kl_rewards: r_t of the docstring, on actions; check: rewards.sum(1) == score - kl_coef * kl.sum(1)
     kl = (logp - logp_ref) * action_mask  # (B, T)
     rewards = -kl_coef * kl
     rewards[torch.arange(len(score)), last_token_index(action_mask)] += score
@@ -159,7 +159,7 @@ def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
 def gae(rewards, values, action_mask, gamma, lam):
     """Advantages and returns by Generalised Advantage Estimation (Schulman et al. 2016), (B, T). V(s) after
     the last action is 0: the episode ended. Walks backwards over the columns; off the answer stays 0."""
-    # exercise gae: from the last column back: delta_t, A_t = delta_t + gamma lam A_t+1, zero off the mask
+    # exercise gae: lecture's delta_t, A_t from the end back, reset off the mask; check: gamma=lam=1: reward-to-go
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
@@ -189,7 +189,7 @@ def masked_whiten(x, mask, eps=1e-8):
 def ppo_policy_loss(logp, logp_old, advantages, action_mask, clip_eps):
     """The clipped surrogate: take the pessimistic one of the unclipped and clipped objectives, so that
     a ratio pushed beyond 1 +- clip_eps earns nothing more. Returns (loss, clip fraction, approx KL)."""
-    # exercise policy_loss: ratio = exp(logp - logp_old); loss = masked_mean of max(-A ratio, -A clip(ratio))
+    # exercise policy_loss: max(-A ratio, -A clip(ratio)) averaged on the actions; check: logp = logp_old: -mean A
     ratio = torch.exp(logp - logp_old)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
@@ -207,7 +207,7 @@ def ppo_policy_loss(logp, logp_old, advantages, action_mask, clip_eps):
 def ppo_value_loss(values, values_old, returns, action_mask, clip_value):
     """0.5 * squared error, clipped around the rollout's values like the policy ratio: the pessimistic
     (larger) of the two errors. Returns (loss, value clip fraction)."""
-    # exercise value_loss: 0.5 masked_mean of the larger squared error, V or V clipped to values_old +- clip_value
+    # exercise value_loss: half the larger of clipped and unclipped squared errors; check: V = values_old: 0.5 MSE
     values_clipped = values_old + torch.clamp(values - values_old, -clip_value, clip_value)
     err = (values - returns) ** 2
     err_clipped = (values_clipped - returns) ** 2

@@ -98,7 +98,7 @@ def sft_batch(examples, pad_id, device="cpu"):
     position t predicts seq[t+1], which is in the answer iff t+1 >= len(prompt)."""
     seqs = [p + a for p, a in examples]
     idx, mask = pad_batch([s[:-1] for s in seqs], pad_id=pad_id)  # (B, T)
-    # exercise sft_mask: targets (B, T) IGNORE, except answer token a[i] at column len(p) - 1 + i
+    # exercise sft_mask: IGNORE but where seq[t+1] is an answer token; check: targets[b][targets[b] != IGNORE] == a
     targets = torch.full_like(idx, IGNORE)
     for b, (p, a) in enumerate(examples):
         targets[b, len(p) - 1 : len(p) - 1 + len(a)] = torch.tensor(a)

@@ -172,7 +172,7 @@ def _attn_fwd_kernel(
             allowed = allowed & (k_pos[None, :] <= q_pos[:, None])  # (BLOCK_M, BLOCK_N)
         s = tl.where(allowed, s, float("-inf"))
 
-        # exercise online_softmax: update m_i, l_i, acc as above; exp2(-inf - -inf) is NaN in an empty row
+        # exercise online_softmax: the update derived above; mind all -inf rows; check: attention_reference
         m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
         # A row that has seen no allowed key yet has m_new = -inf, and exp2(-inf - (-inf)) = NaN.
         # Subtracting 0 instead gives p = exp2(-inf) = 0 and alpha = 0: the row stays empty.

@@ -6,15 +6,15 @@ the opening one naming the exercise and giving a one-line hint:
 
     def bradley_terry_loss(r_chosen, r_rejected, margin=None):
         \"\"\"-log sigmoid(r_chosen - r_rejected [- margin]), one value per pair. ...\"\"\"
-        # exercise bt_loss: -log sigmoid(r_chosen - r_rejected - margin) per pair via F.logsigmoid; ...
+        # exercise bt_loss: -log P(chosen beats rejected), one per pair (docstring); check: finite when ...
         diff = r_chosen - r_rejected
         ...
         # end exercise
 
 The markers are comments, so the complete code runs as if they were not there. The student version is
-the repository with each marked body replaced by one statement at the body's indentation,
+the files git tracks, with each marked body replaced by one statement at the body's indentation,
 
-        raise NotImplementedError("exercise bt_loss: -log sigmoid(r_chosen - r_rejected - margin) ...")
+        raise NotImplementedError("exercise bt_loss: -log P(chosen beats rejected), one per pair ...")
 
 and every other line unchanged: the markers, the docstrings and the equations in the comments around the
 body included. Inside a @triton.jit kernel a Python raise cannot compile, so there the statement is
@@ -22,15 +22,19 @@ tl.static_assert(False, "exercise ..."): the Triton interpreter raises it as an 
 hint when the kernel runs, and a GPU compile stops at that line with the hint as its message. Either way
 the module still imports and every test file still collects, and the failing test names the exercise.
 
-The exercises and the tests that grade them are listed once, in EXERCISES below: for each, the project's
-own unit tests of that piece (seconds each). In the student version exactly these fail and every other
-unit test passes (tests/test_coursework.py checks it). END_TO_END lists the tests that need the removed
-pieces too but grade no single exercise (the training runs, the scripts run as a user meets them, the GPU
-compile of the kernels): they pass again once every exercise is written.
+The exercises and the tests that grade them are listed once, in EXERCISES below, and everything that counts
+them (list, grade, docs/coursework.md, checked by tests/test_coursework.py) counts from there. The exercises
+that are not kernels are graded by the checks in tests/test_coursework_*.py, one property a test, each
+failure saying what was expected and what came back; the kernels by their own tests against the PyTorch
+reference. In the student version exactly these and the project's unit tests of the same pieces fail, and
+every other unit test passes (tests/test_coursework.py checks it). END_TO_END lists the tests that need the
+removed pieces too but grade no single exercise (the training runs, the scripts run as a user meets them,
+the GPU compile of the kernels): they pass again once every exercise is written.
 
     python tools/coursework.py list                               # exercises, where they are, lecture topics
     python tools/coursework.py student --to ../student            # write the student version into a new folder
-    python tools/coursework.py grade ../student                   # exercise | lecture topic | tests passed
+    python tools/coursework.py grade ../student                   # exercise | lecture topic | tests passed,
+                                                                  # then each failure: expected, came back
     python tools/coursework.py grade ../student --exercises gae   # one exercise (comma-separated for several)
 
 docs/coursework.md is the page for instructors.
@@ -57,36 +61,81 @@ LINE_LENGTH = 120  # ruff's limit (pyproject.toml): a stub line must fit in it t
 
 @dataclass(frozen=True)
 class Exercise:
+    """One exercise. Each test in `tests` is one point, earned when it passes (a test named without [params]:
+    when every one of its parametrisations passes); `list` and `grade` both count these, so they agree.
+    `unit_tests` are the project's own tests that need the same piece: they fail in the student version too
+    but are not graded, since the checks in `tests` test what they test, one property each, and say what was
+    expected and what came back in the exercise's words."""
+
     name: str
     where: str  # "file.py:function", the function whose marked lines the student writes
     topic: str  # the lecture topic it belongs to
-    tests: tuple  # pytest node ids; one without [params] stands for all of its parametrisations
+    tests: tuple  # pytest node ids
+    unit_tests: tuple = ()
 
 
+# The exercises that are not kernels are graded by checks written for grading (tests/test_coursework_*.py, one
+# file per lecture file, so a file a student broke costs only its own exercises); the kernels by their own tests.
 EXERCISES = (
     Exercise("sft_mask", "train_sft.py:sft_batch", "SFT: the loss on the answer tokens only", (
+        "tests/test_coursework_sft.py::test_sft_mask_puts_each_answer_token_where_it_is_predicted",
+        "tests/test_coursework_sft.py::test_sft_mask_ignores_the_prompt",
+        "tests/test_coursework_sft.py::test_sft_mask_ignores_the_padding",
+        "tests/test_coursework_sft.py::test_sft_mask_gives_the_loss_of_each_answer_alone",
+    ), unit_tests=(
         "tests/test_sft.py::test_loss_mask_covers_exactly_the_answer_tokens",
         "tests/test_sft.py::test_sft_loss_equals_hand_computation",
     )),
     Exercise("bt_loss", "train_reward.py:bradley_terry_loss", "Reward model: the Bradley-Terry loss", (
+        "tests/test_coursework_reward.py::test_bt_loss_is_one_value_per_pair",
+        "tests/test_coursework_reward.py::test_bt_loss_equals_hand_computation",
+        "tests/test_coursework_reward.py::test_bt_loss_subtracts_the_margin",
+        "tests/test_coursework_reward.py::test_bt_loss_is_finite_for_a_pair_wrong_by_a_mile",
+    ), unit_tests=(
         "tests/test_reward.py::test_bradley_terry_loss_equals_hand_computation",
     )),
     Exercise("reward_at_eos", "model.py:RewardModel.read_reward", "Reward model: a scalar head at the last token", (
+        "tests/test_coursework_model.py::test_reward_at_eos_reads_the_last_real_token_with_right_padding",
+        "tests/test_coursework_model.py::test_reward_at_eos_reads_the_last_real_token_with_left_padding",
+        "tests/test_coursework_model.py::test_reward_at_eos_reads_each_row_of_an_unpadded_batch",
+    ), unit_tests=(
         "tests/test_model.py::test_reward_model_reads_last_real_token_whatever_the_padding",
         "tests/test_reward.py::test_reward_batch_ends_each_answer_with_eos_and_the_model_reads_it",
         "tests/test_reward.py::test_shared_prompts_and_length_buckets_give_each_answer_its_own_reward_and_gradient",
     )),
     Exercise("kl_rewards", "train_ppo.py:per_token_rewards", "PPO: per-token rewards with the KL penalty", (
+        "tests/test_coursework_ppo.py::test_kl_rewards_kl_is_logp_minus_logp_ref_on_the_actions",
+        "tests/test_coursework_ppo.py::test_kl_rewards_penalise_the_kl_on_every_action",
+        "tests/test_coursework_ppo.py::test_kl_rewards_give_the_score_on_the_last_action_of_each_row",
+        "tests/test_coursework_ppo.py::test_kl_rewards_equal_hand_computation",
+    ), unit_tests=(
         "tests/test_ppo.py::test_kl_penalty_lands_on_answer_tokens_and_score_on_the_last",
     )),
     Exercise("gae", "train_ppo.py:gae", "PPO: generalised advantage estimation", (
+        "tests/test_coursework_ppo.py::test_gae_advantages_equal_hand_computation",
+        "tests/test_coursework_ppo.py::test_gae_returns_equal_hand_computation",
+        "tests/test_coursework_ppo.py::test_gae_with_gamma_and_lam_1_returns_the_reward_to_go",
+        "tests/test_coursework_ppo.py::test_gae_carries_nothing_across_the_mask",
+        "tests/test_coursework_ppo.py::test_gae_returns_are_zero_off_the_mask",
+        "tests/test_coursework_ppo.py::test_gae_rows_do_not_leak_into_each_other",
+    ), unit_tests=(
         "tests/test_ppo.py::test_gae_equals_hand_computation",
         "tests/test_ppo.py::test_gae_rows_do_not_leak_into_each_other",
     )),
     Exercise("policy_loss", "train_ppo.py:ppo_policy_loss", "PPO: the clipped surrogate objective", (
+        "tests/test_coursework_ppo.py::test_policy_loss_equals_hand_computation",
+        "tests/test_coursework_ppo.py::test_policy_loss_ratio_is_exp_of_logp_minus_logp_old",
+        "tests/test_coursework_ppo.py::test_policy_loss_averages_over_the_actions_only",
+        "tests/test_coursework_ppo.py::test_policy_loss_gradient_flows_through_the_unclipped_ratios",
+    ), unit_tests=(
         "tests/test_ppo.py::test_policy_loss_equals_hand_computation",
     )),
     Exercise("value_loss", "train_ppo.py:ppo_value_loss", "PPO: the clipped value loss", (
+        "tests/test_coursework_ppo.py::test_value_loss_is_half_the_squared_error_when_nothing_clips",
+        "tests/test_coursework_ppo.py::test_value_loss_clips_around_the_old_values",
+        "tests/test_coursework_ppo.py::test_value_loss_clip_fraction_counts_where_the_clipped_error_is_larger",
+        "tests/test_coursework_ppo.py::test_value_loss_averages_over_the_actions_only",
+    ), unit_tests=(
         "tests/test_ppo.py::test_value_loss_clips_around_the_old_values",
     )),
     Exercise("online_softmax", "kernels/flash_attention.py:_attn_fwd_kernel", "Kernels: online softmax (attention)", (
@@ -110,8 +159,10 @@ EXERCISES = (
         "tests/test_logprob.py::test_kernels_do_not_modify_inputs",
         "tests/test_logprob.py::test_gpu_launch_configuration_matches_reference",
         "tests/test_logprob.py::test_gpu_launch_configuration_linear",
-        "tests/test_logprob.py::test_linear_logprobs[triton-dtype0]",
-        "tests/test_logprob.py::test_linear_logprobs[triton-dtype1]",
+        "tests/test_logprob.py::test_linear_logprobs[triton-dtype0-4]",
+        "tests/test_logprob.py::test_linear_logprobs[triton-dtype0-16]",
+        "tests/test_logprob.py::test_linear_logprobs[triton-dtype1-4]",
+        "tests/test_logprob.py::test_linear_logprobs[triton-dtype1-16]",
         "tests/test_logprob.py::test_linear_logprobs_under_autocast[triton]",
         "tests/test_logprob.py::test_linear_logprobs_keeps_no_logits[triton]",
     )),
@@ -146,6 +197,7 @@ END_TO_END = (
     "tests/test_kernels_compile.py::test_every_launch_compiles",
     "tests/test_kernels_compile.py::test_the_compiled_launches_are_what_the_launchers_choose",
     "tests/test_kernels_compile.py::test_fp32_matmuls_are_exact_fp32",
+    "tests/test_logprob.py::test_the_byte_budget_bounds_every_buffer[triton]",
 )
 
 
@@ -273,18 +325,18 @@ def is_stub(text, region):
 
 
 def repo_files(repo=REPO):
-    """The repository's files as git sees them: the tracked ones and the untracked ones .gitignore does not
-    exclude (a new file not committed yet is part of the working tree). Returns (all, untracked), sorted."""
+    """The files git tracks in the checkout, as they are in the working tree, and the untracked files that
+    .gitignore does not exclude, which are left out (a lecturer's labels or notes are not the course's; what
+    students need is committed, or at least `git add`-ed). Returns (tracked, left out), sorted."""
     def ls(*args):
         try:
             out = subprocess.run(["git", "ls-files", "-z", *args], cwd=repo, capture_output=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
-            raise UsageError(f"{repo} is not a git checkout (git ls-files failed): the student version is made "
-                             "from the files of a checkout") from None
-        return {p for p in out.decode().split("\0") if p and (repo / p).is_file()}
+            raise UsageError(f"{repo} is not a git checkout (git ls-files failed): the student version holds only the "
+                             "files git tracks; run this from a clone of the course's repository") from None
+        return sorted(p for p in out.decode().split("\0") if p and (repo / p).is_file())
 
-    untracked = ls("--others", "--exclude-standard")
-    return sorted(ls("--cached") | untracked), sorted(untracked)
+    return ls("--cached"), ls("--others", "--exclude-standard")
 
 
 def exercise_regions(repo=REPO, files=None):
@@ -325,9 +377,9 @@ def pick_exercises(text):
 
 
 def write_student_version(to, exercises, repo=REPO):
-    """Copy the repository's files into the new folder `to`, the bodies of the given exercises replaced by
-    their stubs. Returns (number of files, the untracked files among them)."""
-    files, untracked = repo_files(repo)
+    """Copy the files git tracks into the new folder `to`, the bodies of the given exercises replaced by their
+    stubs. Returns (number of files, the untracked files left out)."""
+    files, left_out = repo_files(repo)
     regions = exercise_regions(repo, files)
     by_file = {}
     for e in exercises:
@@ -342,7 +394,56 @@ def write_student_version(to, exercises, repo=REPO):
             shutil.copymode(repo / path, target)
         else:
             shutil.copy2(repo / path, target)
-    return len(files), untracked
+    return len(files), left_out
+
+
+# -----------------------------------------------------------------------------
+# How a check says what went wrong (the checks in tests/test_coursework_*.py)
+
+
+def show(x):
+    """A short, readable form of a tensor, a number or anything else that came back: values to 4 digits,
+    whole numbers (token ids, IGNORE) as they are."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        return show(torch.tensor(x)) if isinstance(x, (int, float)) else f"a {type(x).__name__}"
+    if x.numel() > 24:
+        return f"a tensor of shape {tuple(x.shape)}"
+
+    def fmt(v):
+        if isinstance(v, list):
+            return "[" + ", ".join(map(fmt, v)) + "]"
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() else f"{v:.4g}"
+        return str(v)
+
+    return fmt(x.detach().cpu().tolist())
+
+
+def expect(what, came_back, expected, atol=1e-5):
+    """Fail unless came_back equals expected (to atol), saying what was checked, what was expected and what came
+    back: the shapes if they differ, else the values and the first position where they differ. grade prints
+    this message as it is, on the failing test's line."""
+    import torch  # here, not at the top: list and student need no torch
+
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    if not isinstance(came_back, torch.Tensor):
+        if not isinstance(came_back, (int, float)):
+            raise AssertionError(f"{what}: expected {show(expected)}, came back {show(came_back)}")
+        came_back = torch.tensor(came_back)
+    if came_back.shape != expected.shape:
+        raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, came back shape "
+                             f"{tuple(came_back.shape)}: expected {show(expected)}, came back {show(came_back)}")
+    got = came_back.detach().cpu().to(torch.float64)
+    wrong = ~torch.isclose(got, expected, rtol=1e-5, atol=atol)
+    if wrong.any():
+        message = f"{what}: expected {show(expected)}, came back {show(came_back)}"
+        if wrong.dim() > 0:
+            i = tuple(wrong.nonzero()[0].tolist())
+            message += (f"; first difference at {list(i)}: expected {show(expected[i].item())}, came back "
+                        f"{show(got[i].item())}")
+        raise AssertionError(message)
 
 
 # -----------------------------------------------------------------------------
@@ -411,17 +512,36 @@ def outcomes(test, results, broken):
              "did not run")]
 
 
+def one_line(message, width=400):
+    """A failure's message on one line: its lines joined, pytest's 'AssertionError: ' and 'Failed: ' dropped
+    (the checks' messages are the whole story), cut at width characters."""
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip()) or "failed"
+    text = text.removeprefix("AssertionError: ").removeprefix("Failed: ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def failure(test, results, broken):
+    """None if the named test passed (it ran, and so did every parametrisation it stands for), else (which of
+    its parametrisations failed, "" if it has none; why the first failed, on one line)."""
+    found = outcomes(test, results, broken)
+    failed = [(node, message) for node, outcome, message in found if outcome != "passed"]
+    if not failed:
+        return None
+    node, message = failed[0]
+    which = f" ({len(failed)} of {len(found)} parametrisations, the first {node[len(test):]})" if len(found) > 1 else ""
+    return which, one_line(message)
+
+
 def grade(folder, exercises, timeout, verbose=False):
-    """Run the tests of the given exercises in folder. Returns [(exercise, passed, total, first failure)]."""
+    """Run the tests of the given exercises in folder, one point a named test. Returns [(exercise, points,
+    {test: failure(test)} for the tests that failed)]."""
     results, broken, output = run_tests(folder, [t for e in exercises for t in e.tests], timeout)
     if verbose or not results:
         print(output)
     rows = []
     for e in exercises:
-        found = [item for test in e.tests for item in outcomes(test, results, broken)]
-        passed = sum(outcome == "passed" for _, outcome, _ in found)
-        first = next(((node, message) for node, outcome, message in found if outcome != "passed"), None)
-        rows.append((e, passed, len(found), first))
+        failed = {test: why for test in e.tests if (why := failure(test, results, broken)) is not None}
+        rows.append((e, len(e.tests) - len(failed), failed))
     return rows
 
 
@@ -436,8 +556,8 @@ class ListConfig:
 
 @dataclass
 class StudentConfig:
-    """Write the student version of this repository into a new folder: every file of the checkout, the body of
-    each exercise replaced by raise NotImplementedError("exercise NAME: hint"), nothing else changed."""
+    """Write the student version of this repository into a new folder: every file git tracks, the body of each
+    exercise replaced by raise NotImplementedError("exercise NAME: hint"), nothing else changed."""
 
     to: str = flag("", "the new folder to write (it must not exist yet, or be empty)")
     exercises: str = flag("all", "the exercises to remove, comma-separated (see `python tools/coursework.py list`), "
@@ -446,8 +566,9 @@ class StudentConfig:
 
 @dataclass
 class GradeConfig:
-    """Grade a copy of this repository (a student version, or this one): run each exercise's tests in that folder
-    and print exercise | lecture topic | tests passed. Exit code 0 only if every test passes."""
+    """Grade a copy of this repository (a student version, or this one): run each exercise's tests in that folder,
+    print exercise | lecture topic | tests passed, then what each failing test expected and what came back. Exit
+    code 0 only if every test passes."""
 
     folder: str = flag(".", "the folder to grade (may also come first without --folder: grade ../student)")
     exercises: str = flag("all", "the exercises to grade, comma-separated, or all")
@@ -474,11 +595,12 @@ def make_student_version(cfg):
           f"--to {cfg.to} exists and is not an empty folder; choose a new one")
     check(to != REPO and REPO not in to.parents, f"--to {cfg.to} is inside this repository; choose a folder outside")
     exercises = pick_exercises(cfg.exercises)
-    n_files, untracked = write_student_version(to, exercises)
-    print(f"wrote {cfg.to}: {n_files} files, with {len(exercises)} exercise(s) removed: "
+    n_files, left_out = write_student_version(to, exercises)
+    print(f"wrote {cfg.to}: the {n_files} files git tracks, with {len(exercises)} exercise(s) removed: "
           f"{', '.join(e.name for e in exercises)}")
-    if untracked:
-        print(f"note: {len(untracked)} of them are not committed in this checkout: {', '.join(untracked)}")
+    if left_out:
+        print(f"left out, as git does not track them: {', '.join(left_out)} (git add the ones students need, then "
+              "write the student version again)")
     shared = REPO.parent / "shared"
     if shared.is_dir() and not (to.parent / "shared").exists():
         print(f"note: the tests read the data and the tokenizer from a folder 'shared' beside the repository; "
@@ -496,15 +618,19 @@ def grade_folder(cfg):
     rows = grade(folder, pick_exercises(cfg.exercises), cfg.timeout, cfg.verbose)
     width = max(len(e.topic) for e, *_ in rows) + 2
     print(f"{'exercise':<16}{'lecture topic':<{width}}passed")
-    for e, passed, total, _ in rows:
-        print(f"{e.name:<16}{e.topic:<{width}}{passed:>3}/{total}")
-    passed, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    for e, passed, _ in rows:
+        print(f"{e.name:<16}{e.topic:<{width}}{passed:>3}/{len(e.tests)}")
+    passed, total = sum(r[1] for r in rows), sum(len(e.tests) for e, *_ in rows)
     print(f"{'all':<16}{'':<{width}}{passed:>3}/{total}")
-    for e, _, _, first in rows:
-        if first is not None:
-            test, message = first
-            line = message.splitlines()[0] if message else "failed"
-            print(f"{e.name}: {test}: {line[:200]}")
+    # every failing test with what was expected and what came back; tests that fail the same way (an
+    # exercise not written yet) share one line
+    for e, _, failed in rows:
+        tests_by_why = {}
+        for test, (which, why) in failed.items():
+            tests_by_why.setdefault(why, []).append(test + which)
+        for why, tests in tests_by_why.items():
+            more = f" and {len(tests) - 1} more" if len(tests) > 1 else ""
+            print(f"{e.name}: {tests[0]}{more}: {why}")
     return 0 if passed == total else 1
 
 
