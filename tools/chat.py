@@ -256,7 +256,7 @@ def respond(sp, message, cfg):
     except DataError:  # a compact vocabulary: the model has never seen a word outside the task
         unknown = " ".join(unknown_words(sp.tok, message)) or message
         print(f"{sp.name}> (this model knows only the built-in task's words, not {unknown!r}; try e.g. "
-              f"{EXAMPLE!r}; the conversation goes on)")
+              f"{EXAMPLE!r}" + ("; the conversation goes on)" if sp.keeps_turns else ")"))
         return
     if prompt_ids is None:
         print(f"{sp.name}> (that message does not fit: with --max_new_tokens {cfg.max_new_tokens} the block size "
