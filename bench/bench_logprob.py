@@ -10,7 +10,7 @@ gradient):
   trl                 TRL's trl.kernels.selective_log_softmax_and_entropy, when trl is installed
 and, from hidden states (N, C) and the LM head (V, C), C = 768 (GPT-2 small):
   linear reference    linear_logprobs_reference: all (N, V) logits at once
-  linear chunked      linear_logprobs: chunk_size rows of logits at a time (Triton on CUDA, PyTorch on CPU)
+  linear chunked      linear_logprobs: chunk_bytes rows of logits at a time (Triton on CUDA, PyTorch on CPU)
   trl linear          TRL's trl.kernels.chunked_logprob.ChunkedLogProbFunction, when trl is installed
 (trl is optional: `pip install -e ".[bench]"`.)
 
@@ -22,8 +22,10 @@ logits twice (forward, backward) and write their gradient once, 3 x bytes in all
 matmul-bound instead: they report useful TFLOP/s, 6 N V C per step (the chunked backward does 2 N V C
 more to recompute the logits, not counted).
 
-On CPU it reports peak memory only (the growth of resident memory, read from /proc, so Linux only):
-CPU timings would say nothing about the GPU, so timings need a CUDA device.
+On CPU it reports peak memory only (torch's CPU allocator, above the inputs, from the profiler's memory
+events): CPU timings would say nothing about the GPU, so timings need a CUDA device. --linear_memory
+reports every LM-head variant's peak and CPU time at GPT-2 small's and medium's width, TRL's when it is
+installed, our Triton path under TRITON_INTERPRET=1 (the table in bench/RESULTS.md).
 
     python bench/bench_logprob.py                     # CUDA: N = 4096, 16384, 65536; fp32 and bf16
     python bench/bench_logprob.py --quick             # one size, one dtype, 3 repetitions
@@ -32,11 +34,11 @@ CPU timings would say nothing about the GPU, so timings need a CUDA device.
 measure() is also what bench/gpu_check.py runs, on fewer cases.
 """
 
+import functools
 import importlib
 import importlib.util
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -64,11 +66,14 @@ class Args:
     dtypes: str = flag("fp32,bf16", "comma-separated dtypes: fp32, fp16, bf16")
     vocab: int = flag(50257, "V, the vocabulary size (GPT-2's)")
     n_embd: int = flag(768, "C, hidden size of the linear cases (GPT-2 small)")
-    chunk_size: int = flag(1024, "rows of logits per chunk in linear_logprobs")
+    chunk_bytes: int = flag(0, "max_chunk_bytes of linear_logprobs: bytes for one chunk of logits (0: its default)",
+                            min=0)
     reps: int = flag(10, "timed repetitions per case on CUDA (shows the median)")
     device: str = flag("auto", "cuda, cpu, or auto (cuda when available)")
     quick: bool = flag(False, "a smoke test: one size (the smallest; 4096 on CUDA, 2048 on CPU), the first "
                        "dtype, 3 reps")
+    linear_memory: bool = flag(False, "on a CPU: the peak and time of every LM-head variant at N = 2048, V = 50257, "
+                               "C = 768 and 1024, fp32 (run it with TRITON_INTERPRET=1 for our Triton path)")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -103,16 +108,20 @@ def fused(logits, targets):
     return (logp + entropy).sum()
 
 
-def linear_reference(hidden, weight, targets, chunk_size):
+def linear_plain(hidden, weight, targets, chunk_bytes):
+    return pytorch_logp_entropy(hidden @ weight.T, targets)  # all (N, V) logits, as one writes it by hand
+
+
+def linear_reference(hidden, weight, targets, chunk_bytes):
     logp, entropy = linear_logprobs_reference(hidden, weight, targets)
     return (logp + entropy).sum()
 
 
-def linear_chunked(hidden, weight, targets, chunk_size):
-    # Triton on CUDA; on the CPU PyTorch, except under the interpreter (gpu_check.py --dry-run)
+def linear_chunked(hidden, weight, targets, chunk_bytes, impl=None):
+    # impl None: Triton on CUDA; on the CPU PyTorch, except under the interpreter (gpu_check.py --dry-run)
     kernels = hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    logp, entropy = linear_logprobs(hidden, weight, targets, chunk_size=chunk_size,
-                                    impl="triton" if kernels else "torch")
+    logp, entropy = linear_logprobs(hidden, weight, targets, max_chunk_bytes=chunk_bytes or None,
+                                    impl=impl or ("triton" if kernels else "torch"))
     return (logp + entropy).sum()
 
 
@@ -123,20 +132,27 @@ def trl_logp_entropy(logits, targets):
     return (logp + entropy).sum()
 
 
-def trl_linear(hidden, weight, targets, chunk_size):
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # its own chunk sizes
+def trl_linear(hidden, weight, targets, chunk_bytes, tile=4096):
+    # TRL 1.16: 4096 rows at a time, `tile` vocabulary columns per matmul (its trainer passes 32768)
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-    logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0)
+    logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, tile, None, 1.0,
+                                                     ("entropy",))
     return (logp + entropy).sum()
 
 
 LOGITS_CASES = {"log_softmax+gather": log_softmax_gather, "cross_entropy": cross_entropy,
                 "pytorch logp+H": pytorch_logp_entropy, "reference": reference, "triton": fused,
                 "trl": trl_logp_entropy}
-LINEAR_CASES = {"linear reference": linear_reference, "linear chunked": linear_chunked,
-                "trl linear": trl_linear}
+LINEAR_CASES = {"linear plain": linear_plain, "linear reference": linear_reference, "linear chunked": linear_chunked,
+                "linear chunked torch": functools.partial(linear_chunked, impl="torch"),
+                "linear chunked triton": functools.partial(linear_chunked, impl="triton"),
+                "trl linear": trl_linear, "trl linear 32768": functools.partial(trl_linear, tile=32768)}
 TRL_CASES = {"trl": ("trl.kernels", "selective_log_softmax_and_entropy"),
-             "trl linear": ("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")}
+             "trl linear": ("trl.kernels.chunked_logprob", "ChunkedLogProbFunction"),
+             "trl linear 32768": ("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")}
+# what run_cuda times; the other linear cases are for --linear_memory
+TIMED_CASES = [*LOGITS_CASES, "linear reference", "linear chunked", "trl linear"]
 
 
 def unavailable(case):
@@ -165,14 +181,14 @@ def make_inputs(case, N, V, C, dtype, device):
     return hidden, weight, targets
 
 
-def step(case, inputs, chunk_size):
+def step(case, inputs, chunk_bytes):
     """One forward + backward; the gradients land in .grad of the inputs."""
     for x in inputs:
         x.grad = None
     if case in LOGITS_CASES:
         LOGITS_CASES[case](*inputs).backward()
     else:
-        LINEAR_CASES[case](*inputs, chunk_size).backward()
+        LINEAR_CASES[case](*inputs, chunk_bytes).backward()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,20 +210,20 @@ def cuda_time_ms(fn, reps):
     return statistics.median(times)
 
 
-def cuda_case(case, N, V, C, dtype, chunk_size, reps):
+def cuda_case(case, N, V, C, dtype, chunk_bytes, reps):
     """(ms, peak bytes above the inputs) of one case, or None when it runs out of memory."""
     try:
         inputs = make_inputs(case, N, V, C, dtype, "cuda")
-        step(case, inputs, chunk_size)  # warm-up, outside the memory measurement
+        step(case, inputs, chunk_bytes)  # warm-up, outside the memory measurement
         for x in inputs:
             x.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(case, inputs, chunk_size)
+        step(case, inputs, chunk_bytes)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        ms = cuda_time_ms(lambda: step(case, inputs, chunk_size), reps)
+        ms = cuda_time_ms(lambda: step(case, inputs, chunk_bytes), reps)
         result = ms, peak
     except torch.cuda.OutOfMemoryError:
         result = None
@@ -231,24 +247,24 @@ def copy_gbs(N, V, dtype, device, reps):
             torch.cuda.empty_cache()
 
 
-def measure(case, N, V, C, dtype, device, reps, chunk_size=1024):
+def measure(case, N, V, C, dtype, device, reps, chunk_bytes=0):
     """(ms, peak bytes) of one forward + backward of case, or None when it runs out of memory.
 
     On CUDA: the median of reps timed runs (CUDA events) and the peak allocated above the inputs. On
     the CPU (gpu_check.py --dry-run): wall-clock time, which says nothing about a GPU, and the growth
-    of resident memory (Linux; None elsewhere)."""
+    of torch's CPU allocator's high-water mark."""
     if device == "cuda":
-        return cuda_case(case, N, V, C, dtype, chunk_size, reps)
-    peak = cpu_peak_bytes(case, N, V, C, dtype, chunk_size) if os.path.exists("/proc/self/clear_refs") else None
+        return cuda_case(case, N, V, C, dtype, chunk_bytes, reps)
+    peak = cpu_peak_bytes(case, N, V, C, dtype, chunk_bytes)
     inputs = make_inputs(case, N, V, C, dtype, "cpu")
-    return cpu_time_ms(lambda: step(case, inputs, chunk_size), reps), peak
+    return cpu_time_ms(lambda: step(case, inputs, chunk_bytes), reps), peak
 
 
 def run_cuda(args, sizes, dtypes, reps):
     V, C = args.vocab, args.n_embd
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"triton {__import__('triton').__version__}")
-    print(f"V = {V}, C = {C}, chunk_size = {args.chunk_size}, forward + backward, median of {reps}\n")
+    print(f"V = {V}, C = {C}, chunk_bytes = {args.chunk_bytes}, forward + backward, median of {reps}\n")
     header = (f"{'N':>6} {'dtype':>5}  {'case':<19} {'ms':>8} {'GB/s':>7} {'% of copy':>9} {'TFLOP/s':>8} "
               f"{'peak GB':>8}")
     for N in sizes:
@@ -258,11 +274,11 @@ def run_cuda(args, sizes, dtypes, reps):
             copy = copy_gbs(N, V, dtype, "cuda", reps) or float("nan")
             print(header)
             print(f"{N:>6} {dtype_name:>5}  {'copy (x.clone())':<19} {'':>8} {copy:>7.0f}")
-            for case in [*LOGITS_CASES, *LINEAR_CASES]:
+            for case in TIMED_CASES:
                 if unavailable(case):
                     print(f"{N:>6} {dtype_name:>5}  {case:<19} not measured: {unavailable(case)}")
                     continue
-                result = measure(case, N, V, C, dtype, "cuda", reps, args.chunk_size)
+                result = measure(case, N, V, C, dtype, "cuda", reps, args.chunk_bytes)
                 if result is None:
                     print(f"{N:>6} {dtype_name:>5}  {case:<19} {'out of memory':>8}")
                     continue
@@ -295,44 +311,76 @@ def cpu_time_ms(fn, reps):
 
 
 
-def _status_bytes(key):
-    # /proc/self/status (Linux): VmRSS is the resident memory now, VmHWM its high-water mark
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+def cpu_peak_bytes(case, N, V, C, dtype, chunk_bytes, seconds=None):
+    """The most bytes one forward + backward has allocated at once above its inputs: torch's CPU allocator,
+    read from the profiler's memory events, as torch.cuda.max_memory_allocated reads CUDA's. (Resident
+    memory would count what the C library keeps after a free: many chunk-sized blocks look like a leak.)
+    seconds: a list that gets the step's wall time appended."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-def cpu_peak_bytes(case, N, V, C, dtype, chunk_size):
-    """How far one forward + backward raises the resident memory above what the inputs already use."""
-    step(case, make_inputs(case, min(N, 64), V, C, dtype, "cpu"), chunk_size)  # pages in torch's code
+    step(case, make_inputs(case, min(N, 64), V, C, dtype, "cpu"), chunk_bytes)  # first calls, on a few rows
     inputs = make_inputs(case, N, V, C, dtype, "cpu")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident memory (Linux >= 4.0)
-    base = _status_bytes("VmRSS")
-    step(case, inputs, chunk_size)
-    return _status_bytes("VmHWM") - base
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(case, inputs, chunk_bytes)
+    if seconds is not None:
+        seconds.append(time.perf_counter() - start)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak
 
 
 def run_cpu(args, sizes, dtypes):
     V, C = args.vocab, args.n_embd
     print(f"device: CPU ({platform.machine()}), torch {torch.__version__}")
-    print("timings need a GPU: on CPU this reports peak memory only, the growth of resident memory during "
+    print("timings need a GPU: on CPU this reports peak memory only, torch's allocator's high-water mark during "
           "one forward + backward above the inputs (it includes the gradients of the inputs).")
-    print(f"V = {V}, C = {C}, chunk_size = {args.chunk_size}; the Triton and TRL cases are skipped (the "
+    print(f"V = {V}, C = {C}, chunk_bytes = {args.chunk_bytes}; the Triton and TRL cases are skipped (the "
           "interpreter is a correctness tool)\n")
-    if not os.path.exists("/proc/self/clear_refs"):
-        print("peak memory on CPU is read from /proc/self (Linux only); nothing to report here")
-        return
     print(f"{'N':>6} {'dtype':>5}  {'case':<19} {'peak GB':>8}   for scale: one (N, V) fp32 tensor is")
     for N in sizes:
         for dtype_name in dtypes:
-            for case in [c for c in [*LOGITS_CASES, *LINEAR_CASES] if c != "triton" and c not in TRL_CASES]:
-                peak = cpu_peak_bytes(case, N, V, C, DTYPES[dtype_name], args.chunk_size)
+            for case in [c for c in TIMED_CASES if c != "triton" and c not in TRL_CASES]:
+                peak = cpu_peak_bytes(case, N, V, C, DTYPES[dtype_name], args.chunk_bytes)
                 print(f"{N:>6} {dtype_name:>5}  {case:<19} {peak / 1e9:>8.2f}   {N * V * 4 / 1e9:.2f} GB")
             print()
 
 
+MEMORY_CASES = ["linear plain", "linear chunked torch", "linear chunked triton", "trl linear 32768", "trl linear"]
+
+
+def run_linear_memory(args):
+    """The peak (allocated above the inputs) and the time of one forward + backward of every LM-head
+    variant, fp32, N = 2048, V = 50257, C = 768 (GPT-2 small) and 1024 (medium): a table for RESULTS.md."""
+    N, V = 2048, args.vocab
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    print(f"CPU ({platform.machine()}), torch {torch.__version__}, trl "
+          f"{'not installed' if unavailable('trl linear') else importlib.import_module('trl').__version__}; "
+          f"N = {N}, V = {V}, fp32, forward + backward of logp + entropy; max_chunk_bytes "
+          f"{args.chunk_bytes or 'default'}")
+    print("| C | variant | peak MiB | vs plain torch | s |\n| --- | --- | --- | --- | --- |")
+    for C in (768, 1024):
+        plain = None
+        for case in MEMORY_CASES:
+            why = unavailable(case) or ("" if interpreting or "triton" not in case else
+                                        "needs TRITON_INTERPRET=1 on a CPU")
+            if why:
+                print(f"| {C} | {case} | not measured: {why} | | |")
+                continue
+            seconds = []
+            peak = cpu_peak_bytes(case, N, V, C, torch.float32, args.chunk_bytes, seconds)
+            plain = plain or peak
+            print(f"| {C} | {case} | {peak / 2**20:.0f} | {plain / peak:.1f}x less | {seconds[0]:.1f} |", flush=True)
+
+
 def main():
     args = parse_args(Args)
+    if args.linear_memory:
+        run_linear_memory(args)
+        return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     default_sizes = "4096,16384,65536" if device == "cuda" else "1024,4096"
     sizes = [int(n) for n in (args.sizes or default_sizes).split(",")]

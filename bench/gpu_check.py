@@ -58,14 +58,14 @@ PLANS = {
         attn_seq_lens=(512, 1024, 2048, 4096, 8192), attn_head_dims=(64, 128), attn_tokens=16384, attn_nh=16,
         attn_reps=100,  # milliseconds of repetitions (triton.testing.do_bench)
         lp_sizes=(4096, 8192, 16384, 32768), lp_dtypes=("bf16", "fp32"), vocab=50257, lp_reps=5,
-        lin_sizes=(4096, 16384, 32768), lin_dtypes=("bf16",), n_embd=768, chunk_size=1024,
+        lin_sizes=(4096, 16384, 32768), lin_dtypes=("bf16",), n_embd=768, chunk_bytes=0,  # 0: the default
         tiny_pipeline=False, stage_timeout=300,
     ),
     "dry": dict(
         device="cpu", test_select="bad_inputs", test_timeout=300,
         attn_seq_lens=(48, 80), attn_head_dims=(64,), attn_tokens=80, attn_nh=2, attn_reps=1,
         lp_sizes=(64,), lp_dtypes=("bf16", "fp32"), vocab=1000, lp_reps=1,
-        lin_sizes=(64,), lin_dtypes=("bf16",), n_embd=32, chunk_size=16,
+        lin_sizes=(64,), lin_dtypes=("bf16",), n_embd=32, chunk_bytes=16 * 1000 * 2,  # 16 rows
         tiny_pipeline=True, stage_timeout=300,
     ),
 }
@@ -265,7 +265,7 @@ def _measure_cases(bl, cases, N, dtype_name, plan):
             continue
         try:
             result = bl.measure(case, N, plan["vocab"], plan["n_embd"], bl.DTYPES[dtype_name], plan["device"],
-                                plan["lp_reps"], plan["chunk_size"])
+                                plan["lp_reps"], plan["chunk_bytes"])
         except Exception as e:  # one case's failure is its own row; the others still run
             out[case] = f"failed: {type(e).__name__}: {e}"[:200]
             _free_cuda()
@@ -371,8 +371,9 @@ def linear_section(plan, dry_run):
             goals.append(line)
     other = [d for d in ("bf16", "fp32") if d not in plan["lin_dtypes"]]
     return "\n".join([
-        f"hidden (N, C = {C}) and LM head (V = {V}, C), forward + backward of logp + entropy, chunk_size "
-        f"{plan['chunk_size']}. TFLOP/s counts 6 N V C (the chunked backward recomputes the logits: 2 N V C "
+        f"hidden (N, C = {C}) and LM head (V = {V}, C), forward + backward of logp + entropy, max_chunk_bytes "
+        f"{plan['chunk_bytes'] or 'default (half the LM head)'}; trl linear: TRL's 4096-column tile. "
+        "TFLOP/s counts 6 N V C (the chunked backward recomputes the logits: 2 N V C "
         "more, not counted). linear reference holds all (N, V) logits."
         + (f" {', '.join(other)}: not measured (the scripts run the LM head under bf16 autocast)." if other else ""),
         "",

@@ -126,7 +126,7 @@ def _logprobs_fwd_kernel(
         # -inf in the padding (the last block sticks out past V unless V is a multiple of BLOCK_V):
         # a padded column is then exactly a masked token, which adds nothing.
         s = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
-        # exercise logprob_lse: update m, shift, d and w as above, with alpha = exp(m - shift_new)
+        # exercise logprob_lse: update m, shift, d, w as derived above; check: against logprobs_reference
         m_new = tl.maximum(m, tl.max(s, axis=0))
         shift_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - shift_new)  # 0 while m = -inf: nothing to rescale yet
@@ -161,7 +161,7 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, targets_ptr, row_max_ptr, row_log_d_ptr, entropy_ptr,  # the inputs and forward's saves
     grad_logp_ptr, grad_entropy_ptr,  # (N,) fp32 upstream gradients g_logp, g_H
-    grad_logits_ptr,  # (N, V) output, in the logits' dtype; a new buffer, the logits are only read
+    grad_logits_ptr,  # (N, V) output in the logits' dtype: a new buffer, or the logits' own (in place)
     V, temperature,
     BLOCK_V: tl.constexpr,
 ):
@@ -287,11 +287,14 @@ def _logprobs_forward(logits, targets, temperature):
     return logp, entropy, row_max, row_log_d
 
 
-def _logprobs_backward(grad_logp, grad_entropy, logits, targets, row_max, row_log_d, entropy, temperature):
-    """Launch the backward kernel. Returns the gradient wrt logits (N, V) in the logits' dtype."""
+def _logprobs_backward(grad_logp, grad_entropy, logits, targets, row_max, row_log_d, entropy, temperature,
+                       in_place=False):
+    """Launch the backward kernel. Returns the gradient wrt logits (N, V) in the logits' dtype; in_place
+    writes it over the logits (each element is read by the program that then overwrites it), for a
+    caller that made the logits only to differentiate them (part 2)."""
     N, V = logits.shape
     logits = logits.contiguous()
-    grad_logits = torch.empty_like(logits)  # (N, V)
+    grad_logits = logits if in_place else torch.empty_like(logits)  # (N, V)
     # .contiguous(): the gradient of a .sum() arrives as an expanded tensor with stride 0
     _logprobs_bwd_kernel[(N,)](
         logits, targets.contiguous(), row_max, row_log_d, entropy,
@@ -331,15 +334,23 @@ def logprobs_triton(logits, targets, temperature=1.0):
 # 2. From hidden states: logp and entropy of (hidden @ weight.T), chunk by chunk
 #
 # Even the kernels of part 1 need the (N, V) logits as input, and the LM head writes all of them. Here
-# the host walks over chunks of Nc = chunk_size rows: it computes one (Nc, V) block of logits with a
-# cuBLAS matmul, runs part 1's kernel on it (which walks the vocabulary BLOCK_V columns at a time),
-# keeps the three floats per row, and drops the block. The backward recomputes each block, turns it
-# into its gradient with part 1's backward kernel, and multiplies that into the gradients of hidden
-# and weight.
+# the host walks over chunks of Nc rows: it computes one (Nc, V) block of logits with a cuBLAS matmul,
+# runs part 1's kernel on it (which walks the vocabulary BLOCK_V columns at a time), keeps the three
+# floats per row, and drops the block. The backward recomputes each block, turns it into its gradient
+# in place with part 1's backward kernel, and multiplies that into the gradients of hidden and weight.
 #
-# A worked example (the numbers in bench/bench_logprob.py): N = 16384 tokens, C = 768, V = 50257, bf16.
-#   all logits at once:   16384 * 50257 * 2 B = 1.6 GB, and its gradient as much again
-#   one chunk, Nc = 1024:  1024 * 50257 * 2 B = 103 MB for the logits + 103 MB for their gradient
+# What is live at the worst moment, a chunk of the backward (itemsize b of hidden and weight):
+#   grad_weight   (V, C) fp32      4 V C   every variant holds the weight's gradient; addmm_ adds each
+#                                          chunk's grad_logits^T @ h into it without a (V, C) temporary
+#                                          (bf16 / fp16: the product is made in b V C bytes first)
+#   the block     (Nc, V)          b Nc V  the logits, then their gradient in the same memory
+#   grad_hidden   (N, C)           b N C   and the saved (N,) floats: small
+# So the peak is 4 V C + b Nc V + b N C, and the chunk is chosen from a byte budget for the block:
+# Nc = max_chunk_bytes // (b V). The default budget is half the LM head's own bytes (b V C / 2), i.e.
+# Nc = C / 2 rows, but never less than 32 MiB, which tiny models never fill (one chunk).
+# A worked example: GPT-2 small in fp32, N = 2048, C = 768, V = 50257. grad_weight 147 MiB; Nc = 384,
+# the block 74 MiB; grad_hidden 6 MiB: about 227 MiB, against all (N, V) logits at once, 393 MiB for
+# each fp32 copy, several of which autograd keeps (bench/RESULTS.md has the measured peaks).
 # The cost: the backward redoes the (Nc, V) matmul of every chunk, so 4 matmuls of 2 N V C FLOPs instead
 # of 3 (forward, grad hidden, grad weight), about 1/3 more matmul time.
 #
@@ -353,7 +364,25 @@ def linear_logprobs_reference(hidden, weight, targets, temperature=1.0):
     return logprobs_reference(hidden @ weight.T, targets, temperature)  # (N, V) logits
 
 
-def _check_linear_inputs(hidden, weight, targets, temperature, chunk_size, name):
+# Bytes each logit of a chunk costs: the Triton path keeps the block in the inputs' dtype (the gradient
+# overwrites it); the PyTorch path keeps several fp32 (Nc, V) tensors while it differentiates a chunk (the
+# fp32 logits, log_softmax, its exp, the entropy's product, their gradients): 17 to 21 bytes a logit
+# measured (bench/RESULTS.md), 24 to be safe.
+TORCH_BYTES_PER_LOGIT = 24
+MIN_BUDGET = 32 * 2**20
+
+
+def chunk_rows(weight, triton, max_chunk_bytes=None):
+    """Rows of logits per chunk: as many as fit in max_chunk_bytes (default: half the LM head's bytes, at
+    least MIN_BUDGET), at least one."""
+    V, C = weight.shape
+    if max_chunk_bytes is None:
+        max_chunk_bytes = max(weight.element_size() * V * C // 2, MIN_BUDGET)
+    per_row = V * (weight.element_size() if triton else TORCH_BYTES_PER_LOGIT)
+    return max(1, max_chunk_bytes // per_row)
+
+
+def _check_linear_inputs(hidden, weight, targets, temperature, max_chunk_bytes, name):
     """Raise ValueError for every input that linear_logprobs does not accept, whichever impl runs."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"{name}: hidden must be a 2-D tensor (N, C); flatten (B, T, C) with "
@@ -370,8 +399,10 @@ def _check_linear_inputs(hidden, weight, targets, temperature, chunk_size, name)
         raise ValueError(f"{name}: empty input, hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
     _check_targets(targets, hidden.shape[0], hidden.device, name)
     _check_temperature(temperature, name)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"{name}: chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    if max_chunk_bytes is not None and (isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int)
+                                        or max_chunk_bytes <= 0):
+        raise ValueError(f"{name}: max_chunk_bytes must be a positive int (bytes for one chunk of logits) or "
+                         f"None, got {max_chunk_bytes!r}")
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -408,13 +439,16 @@ class _LinearLogProbs(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk_size)
             logits = hidden[rows] @ weight.T  # (Nc, V) recomputed: the price of not storing it
             grad_logits = _logprobs_backward(grad_logp[rows], grad_entropy[rows], logits, targets[rows],
-                                             row_max[rows], row_log_d[rows], entropy[rows], ctx.temperature)
-            del logits
+                                             row_max[rows], row_log_d[rows], entropy[rows], ctx.temperature,
+                                             in_place=True)  # (Nc, V), in the logits' memory
             if need_grad_hidden:
-                grad_hidden[rows] = grad_logits @ weight  # (Nc, C) <- (Nc, V) @ (V, C)
-            if need_grad_weight:
-                grad_weight += grad_logits.T @ hidden[rows]  # (V, C) <- (V, Nc) @ (Nc, C)
-            del grad_logits
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])  # (Nc, C) <- (Nc, V) @ (V, C)
+            if need_grad_weight:  # (V, C) += (V, Nc) @ (Nc, C)
+                if grad_logits.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.T, hidden[rows])  # in place: no (V, C) temporary
+                else:
+                    grad_weight += grad_logits.T @ hidden[rows]  # the bf16 / fp16 product, added in fp32
+            del logits, grad_logits
         if need_grad_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None  # none for targets, temperature, chunk_size
@@ -425,8 +459,9 @@ def _linear_logprobs_torch(hidden, weight, targets, temperature, chunk_size):
 
     torch.utils.checkpoint keeps only each chunk's inputs; the backward re-runs that chunk's forward
     (one more (Nc, V) matmul and log_softmax, about 1/3 more matmul time) and frees it before the next
-    chunk. Peak memory is then logprobs_reference's few fp32 (Nc, V) tensors for one chunk of Nc rows,
-    instead of the same for all N rows.
+    chunk. Peak memory is then logprobs_reference's few fp32 (Nc, V) tensors for one chunk of Nc rows
+    (TORCH_BYTES_PER_LOGIT each), instead of the same for all N rows, plus autograd's (V, C) gradient of
+    the weight and the one of each chunk it adds into it.
     """
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -438,9 +473,10 @@ def _linear_logprobs_torch(hidden, weight, targets, temperature, chunk_size):
     return torch.cat(logps), torch.cat(entropies)  # (N,), (N,)
 
 
-def linear_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, impl="auto"):
+def linear_logprobs(hidden, weight, targets, temperature=1.0, max_chunk_bytes=None, impl="auto"):
     """(logp (N,), entropy (N,)) fp32 of log_softmax(hidden @ weight.T / temperature) at targets,
-    never holding more than chunk_size rows of logits; differentiable wrt hidden and weight.
+    never holding more than max_chunk_bytes of logits (default: see chunk_rows); differentiable wrt
+    hidden and weight.
 
     hidden (N, C), weight (V, C) (the LM head, no bias), targets int64 (N,). impl as in token_logprobs:
     "triton" (chunks + part 1's kernels), "torch" (chunks + checkpoint), "auto" (triton on CUDA).
@@ -450,11 +486,12 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, i
         # backward, which autocast does not reach, recomputes the very logits the forward saw.
         autocast_dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
-    _check_linear_inputs(hidden, weight, targets, temperature, chunk_size, "linear_logprobs")
+    _check_linear_inputs(hidden, weight, targets, temperature, max_chunk_bytes, "linear_logprobs")
     if _use_kernel(hidden, impl, "linear_logprobs"):
         _check_kernel_device(hidden, "linear_logprobs")
-        return _LinearLogProbs.apply(hidden, weight, targets, float(temperature), chunk_size)
-    return _linear_logprobs_torch(hidden, weight, targets, temperature, chunk_size)
+        rows = chunk_rows(weight, True, max_chunk_bytes)
+        return _LinearLogProbs.apply(hidden, weight, targets, float(temperature), rows)
+    return _linear_logprobs_torch(hidden, weight, targets, temperature, chunk_rows(weight, False, max_chunk_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,11 +11,16 @@ A training step holds, at its worst moment (the start of the backward pass):
     its (nh, T, T) scores and probabilities; flash attention and SDPA keep one log-sum-exp per row;
   - the logits at the positions that have a target, (rows, V): the logits, the fp32 log-softmax
     cross_entropy saves, and the gradient the backward makes of them, 12 bytes a number (16 under
-    autocast, which adds the bf16 logits); PPO's fused log-prob holds 1024 rows of them at a time;
+    autocast, which adds the bf16 logits); PPO's fused log-prob holds one chunk of them at a time
+    (kernels/logprob.py, chunk_rows);
   - frozen models (PPO's reference and reward model): their weights only;
   - the KV cache that sampling fills, which support/sampling.py caps at a quarter of the free memory.
 tests/test_memory.py checks the estimate against the peak the CPU allocator measures at a small size.
 """
+
+import torch
+
+from kernels.logprob import TORCH_BYTES_PER_LOGIT, chunk_rows
 
 GiB = 2**30
 
@@ -58,11 +63,14 @@ def stage_estimate(stage, model_cfg, cfg, bf16):
         tokens = cfg.batch_size * (prompt + answers * answer)
         return step_bytes(model_cfg, cfg.batch_size * answers, prompt + answer, 0, bf16, naive, tokens=tokens)
     answer = cfg.max_new_tokens  # ppo: the policy trains; the reference and the reward model only score
-    # linear_logprobs: 1024 rows of logits at a time; PyTorch's log-softmax, probabilities and entropy take
-    # about 24 bytes a logit, the Triton kernel about 9 (bench/RESULTS.md, the log-prob memory)
+    # linear_logprobs holds one chunk of logits, sized from its byte budget: in the inputs' dtype on the
+    # Triton path (the gradient overwrites them), TORCH_BYTES_PER_LOGIT on the PyTorch one
     torch_path = cfg.logprob_impl == "torch" or not bf16  # "auto" is Triton exactly where bf16 autocast is
+    head = torch.empty(model_cfg.vocab_size, model_cfg.n_embd, device="meta",
+                       dtype=torch.bfloat16 if bf16 else torch.float32)
     parts = step_bytes(model_cfg, cfg.minibatch_size, prompt + answer, cfg.minibatch_size * answer, bf16, naive,
-                       logit_chunk=1024, logit_bytes=24 if torch_path else 12)
+                       logit_chunk=chunk_rows(head, triton=not torch_path),
+                       logit_bytes=TORCH_BYTES_PER_LOGIT if torch_path else head.element_size())
     parts["reference and reward model"] = 2 * n_params(model_cfg) * 4
     return parts
 
@@ -88,8 +96,6 @@ def describe(stage, parts, device_bytes):
 def announce(stage, model_cfg, cfg, device):
     """Print the estimate where the GPU's path runs (a CPU run takes its time, not its memory, to the limit)."""
     import os
-
-    import torch
 
     from kernels import gpu_path
 

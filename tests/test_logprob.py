@@ -309,7 +309,7 @@ def test_gpu_launch_configuration_linear(gpu_launch_config):
     hidden = torch.randn(N, C, generator=gen).requires_grad_()  # (N, C)
     weight = (torch.randn(V, C, generator=gen) / C**0.5).requires_grad_()  # (V, C)
     targets = torch.randint(0, V, (N,), generator=gen)
-    _compare(lambda *x: linear_logprobs(*x, 0.7, chunk_size=4, impl="triton"),
+    _compare(lambda *x: linear_logprobs(*x, 0.7, max_chunk_bytes=_budget(4, weight, "triton"), impl="triton"),
              lambda *x: linear_logprobs_reference(*x, 0.7), (hidden, weight, targets), params, VALUE_TOL,
              dict(atol=1e-5, rtol=1e-4))  # grad hidden sums 50257 fp32 products, in a different order
 
@@ -318,9 +318,56 @@ def test_gpu_launch_configuration_linear(gpu_launch_config):
 # 2. The fused linear variant
 
 
+def _budget(rows, weight, impl, dtype=None):
+    """The max_chunk_bytes that gives chunks of `rows` rows of logits."""
+    itemsize = (dtype or weight.dtype).itemsize if impl == "triton" else logprob.TORCH_BYTES_PER_LOGIT
+    return rows * weight.shape[0] * itemsize
+
+
+def test_chunk_rows_come_from_the_byte_budget():
+    gpt2 = torch.empty(50257, 768, device="meta")  # GPT-2 small's LM head
+    assert logprob.chunk_rows(gpt2, triton=True) == 384  # half the head's bytes: C / 2 rows
+    assert logprob.chunk_rows(gpt2.bfloat16(), triton=True) == 384
+    assert logprob.chunk_rows(gpt2, triton=False) == 64  # 74 MiB at 24 bytes a logit
+    tiny = torch.empty(1000, 128, device="meta")  # the built-in task's model: the 32 MiB floor, one chunk
+    assert logprob.chunk_rows(tiny, triton=False) == 32 * 2**20 // (24 * 1000)
+    assert logprob.chunk_rows(tiny, triton=True, max_chunk_bytes=10 * 4000 + 3999) == 10
+    assert logprob.chunk_rows(tiny, triton=True, max_chunk_bytes=1) == 1  # never less than a row
+
+
+def _largest_allocation(fn):
+    """The largest single block torch allocates while fn runs (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_the_byte_budget_bounds_every_buffer(impl):
+    gen = _generator("budget", impl)
+    N, C, V = 301, 8, 1000  # 301 rows: chunks of 10 (Triton) or 1 (PyTorch) rows, the last one short
+    hidden = torch.randn(N, C, generator=gen).requires_grad_()  # (N, C)
+    weight = torch.randn(V, C, generator=gen).requires_grad_()  # (V, C), 32 KB
+    targets = torch.randint(0, V, (N,), generator=gen)
+    budget = 40_000
+
+    def forward_backward():
+        logp, entropy = linear_logprobs(hidden, weight, targets, max_chunk_bytes=budget, impl=impl)
+        (logp.sum() + entropy.sum()).backward()
+
+    assert _largest_allocation(forward_backward) <= budget  # all (N, V) logits at once would be 1.2 MB
+    logp_ref, entropy_ref = linear_logprobs_reference(hidden, weight, targets)
+    logp, entropy = linear_logprobs(hidden, weight, targets, max_chunk_bytes=budget, impl=impl)
+    torch.testing.assert_close(logp, logp_ref)
+    torch.testing.assert_close(entropy, entropy_ref)
+
+
+@pytest.mark.parametrize("rows", [4, 16])  # chunks of 4, 4 and 2 rows; one chunk larger than N
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_linear_logprobs(impl, dtype):
+def test_linear_logprobs(impl, dtype, rows):
     params = ("linear", impl, dtype)
     gen = _generator(*params)
     N, C, V, tau = 10, 16, 257, 0.7
@@ -333,8 +380,10 @@ def test_linear_logprobs(impl, dtype):
         logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
         return logp, -(logp_all.exp() * logp_all).sum(-1)
 
-    def chunked(hidden, weight, targets):  # chunks of 4, 4 and 2 rows
-        return linear_logprobs(hidden, weight, targets, tau, chunk_size=4, impl=impl)
+    def chunked(hidden, weight, targets):
+        return linear_logprobs(hidden, weight, targets, tau, max_chunk_bytes=_budget(rows, weight, impl), impl=impl)
+
+    assert logprob.chunk_rows(weight, impl == "triton", _budget(rows, weight, impl)) == rows
 
     grad_tol = GRAD_TOL[dtype] if dtype == torch.float32 else BF16_MATMUL_GRAD_TOL
     _compare(chunked, written_out, (hidden, weight, targets), params, VALUE_TOL, grad_tol)
@@ -351,7 +400,9 @@ def test_linear_logprobs_under_autocast(impl):
     weight = (torch.randn(V, C, generator=gen) / C**0.5).requires_grad_()  # (V, C) fp32
     targets = torch.randint(0, V, (N,), generator=gen)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        _compare(lambda *x: linear_logprobs(*x, chunk_size=4, impl=impl), linear_logprobs_reference,
+        # chunks of 4 rows of the bf16 logits autocast makes
+        budget = _budget(4, weight, impl, torch.bfloat16)
+        _compare(lambda *x: linear_logprobs(*x, max_chunk_bytes=budget, impl=impl), linear_logprobs_reference,
                  (hidden, weight, targets), params, VALUE_TOL, BF16_MATMUL_GRAD_TOL)
 
 
@@ -377,7 +428,8 @@ def test_linear_logprobs_keeps_no_logits(impl):
     weight = torch.randn(V, C, generator=gen).to(DEVICE).requires_grad_()  # (V, C)
     targets = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
     reference = _saved_bytes(lambda: linear_logprobs_reference(hidden, weight, targets))
-    chunked = _saved_bytes(lambda: linear_logprobs(hidden, weight, targets, chunk_size=16, impl=impl))
+    budget = _budget(16, weight, impl)
+    chunked = _saved_bytes(lambda: linear_logprobs(hidden, weight, targets, max_chunk_bytes=budget, impl=impl))
     assert reference >= 2 * N * V * 4  # the measurement sees the fp32 (N, V) tensors when they are kept
     assert chunked <= hidden.nbytes + weight.nbytes + 32 * N  # the inputs, targets, a few floats per row
 
@@ -428,9 +480,38 @@ def test_bad_inputs_raise(impl):
         ("dtype", lambda: token_logprobs(logits.double(), targets, impl=impl)),
         ("weight must be", lambda: linear_logprobs(hidden, weight[:, :5], targets, impl=impl)),
         ("targets must be", lambda: linear_logprobs(hidden, weight, targets[:2], impl=impl)),
-        ("chunk_size", lambda: linear_logprobs(hidden, weight, targets, chunk_size=0, impl=impl)),
+        ("max_chunk_bytes", lambda: linear_logprobs(hidden, weight, targets, max_chunk_bytes=0, impl=impl)),
         ("impl must be", lambda: token_logprobs(logits, targets, impl=impl + "x")),
     ]
     for match, call in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The benchmark's comparison with TRL (only where `pip install -e ".[bench]"` put trl)
+
+
+@pytest.mark.parametrize("case", ["trl linear", "trl linear 32768", "linear chunked torch", "linear plain"])
+def test_the_benchmarks_lm_head_cases_compute_the_same_log_probs(case):
+    # bench/bench_logprob.py times these beside ours: each must compute what linear_logprobs computes
+    from bench import bench_logprob as bl
+
+    if bl.unavailable(case):
+        pytest.skip(bl.unavailable(case))
+    gen = _generator("bench", case)
+    N, C, V = 37, 16, 1001
+    hidden = torch.randn(N, C, generator=gen).requires_grad_()  # (N, C)
+    weight = (torch.randn(V, C, generator=gen) / C**0.5).requires_grad_()  # (V, C)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    loss = bl.LINEAR_CASES[case](hidden, weight, targets, 0)  # sum of logp + entropy over the rows
+    loss.backward()
+    theirs = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logp, entropy = linear_logprobs_reference(hidden, weight, targets)
+    reference = (logp + entropy).sum()
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(theirs[0], hidden.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs[1], weight.grad, atol=1e-5, rtol=1e-4)
+    assert bl.cpu_peak_bytes(case, N, V, C, torch.float32, 0) > 0  # the memory measurement runs on it

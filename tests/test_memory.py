@@ -13,6 +13,7 @@ import train_ppo
 import train_reward
 import train_sft
 from model import GPT, GPTConfig, PolicyWithValue, RewardModel
+from kernels import logprob
 from support import memory
 from support.training import adamw
 
@@ -90,7 +91,10 @@ def _ppo(cfg, bf16):
         logp, _, values = train_ppo.policy_forward(model, tokens, attention_mask, action_mask, flags)
         return logp.sum() + values.sum()
 
-    return _measured(model, loss), memory.step_bytes(cfg, B, TP + TA, B * TA, bf16, logit_chunk=1024, logit_bytes=24)
+    head = torch.empty(cfg.vocab_size, cfg.n_embd, device="meta", dtype=torch.bfloat16 if bf16 else torch.float32)
+    return _measured(model, loss), memory.step_bytes(cfg, B, TP + TA, B * TA, bf16,
+                                                     logit_chunk=logprob.chunk_rows(head, triton=False),
+                                                     logit_bytes=logprob.TORCH_BYTES_PER_LOGIT)
 
 
 @pytest.mark.parametrize("stage, bf16, attn, V", [
@@ -118,7 +122,7 @@ def test_the_stage_estimates_read_the_stage_flags():
     ppo = train_ppo.Config(minibatch_size=6, max_prompt_tokens=40, max_new_tokens=8, logprob_impl="triton")
     parts = memory.stage_estimate("ppo", cfg, ppo, bf16=True)
     assert parts["reference and reward model"] == 2 * 4 * memory.n_params(cfg)
-    assert parts["logits"] == 48 * cfg.vocab_size * 12  # the Triton kernel's bytes per logit
+    assert parts["logits"] == 48 * cfg.vocab_size * 2  # one chunk (all 48 rows) of bf16 logits, in place
     assert memory.n_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
 
 
