@@ -357,6 +357,22 @@ def run_linear_memory(args):
     variant, fp32, N = 2048, V = 50257, C = 768 (GPT-2 small) and 1024 (medium): a table for RESULTS.md."""
     N, V = 2048, args.vocab
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpreting:
+        import gc
+
+        from kernels import logprob
+
+        # the GPU's 4096-wide blocks: the same allocations, 16x fewer interpreted blocks per row
+        logprob._launch_config = functools.partial(logprob._launch_config, interpreting=False)
+        # The interpreter reads a tensor through numpy arrays that end up in reference cycles: the memory of a
+        # block it read stays allocated until Python's cycle collector runs, where a GPU frees it at once.
+        # Collecting after each launch measures what the code holds, not what the interpreter left behind.
+        for name in ("_logprobs_forward", "_logprobs_backward"):
+            def collected(*args, _launch=getattr(logprob, name), **kwargs):
+                out = _launch(*args, **kwargs)
+                gc.collect()
+                return out
+            setattr(logprob, name, collected)
     print(f"CPU ({platform.machine()}), torch {torch.__version__}, trl "
           f"{'not installed' if unavailable('trl linear') else importlib.import_module('trl').__version__}; "
           f"N = {N}, V = {V}, fp32, forward + backward of logp + entropy; max_chunk_bytes "

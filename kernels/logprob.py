@@ -343,7 +343,7 @@ def logprobs_triton(logits, targets, temperature=1.0):
 #   grad_weight   (V, C) fp32      4 V C   every variant holds the weight's gradient; addmm_ adds each
 #                                          chunk's grad_logits^T @ h into it without a (V, C) temporary
 #                                          (bf16 / fp16: the product is made in b V C bytes first)
-#   the block     (Nc, V)          b Nc V  the logits, then their gradient in the same memory
+#   the block     (Nc, V)          b Nc V  one buffer for every chunk: the logits, then their gradient
 #   grad_hidden   (N, C)           b N C   and the saved (N,) floats: small
 # So the peak is 4 V C + b Nc V + b N C, and the chunk is chosen from a byte budget for the block:
 # Nc = max_chunk_bytes // (b V). The default budget is half the LM head's own bytes (b V C / 2), i.e.
@@ -413,13 +413,13 @@ class _LinearLogProbs(torch.autograd.Function):
         entropy = torch.empty_like(logp)  # (N,)
         row_max = torch.empty_like(logp)  # (N,)
         row_log_d = torch.empty_like(logp)  # (N,)
-        for start in range(0, N, chunk_size):
+        block = torch.empty(min(chunk_size, N), weight.shape[0], device=hidden.device, dtype=hidden.dtype)
+        for start in range(0, N, chunk_size):  # every chunk's logits in the one (Nc, V) block
             rows = slice(start, start + chunk_size)
-            logits = hidden[rows] @ weight.T  # (Nc, V) in hidden's dtype, fp32 accumulation in cuBLAS
+            # (Nc, V) in hidden's dtype, fp32 accumulation in cuBLAS
+            logits = torch.mm(hidden[rows], weight.T, out=block[: min(chunk_size, N - start)])
             logp[rows], entropy[rows], row_max[rows], row_log_d[rows] = _logprobs_forward(
                 logits, targets[rows], temperature)
-            # free the block now: otherwise the next chunk's matmul allocates before this one is dropped
-            del logits
         ctx.save_for_backward(hidden, weight, targets, row_max, row_log_d, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -435,9 +435,11 @@ class _LinearLogProbs(torch.autograd.Function):
         grad_weight = None
         if need_grad_weight:
             grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)  # (V, C)
+        block = torch.empty(min(ctx.chunk_size, N), weight.shape[0], device=hidden.device, dtype=hidden.dtype)
         for start in range(0, N, ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logits = hidden[rows] @ weight.T  # (Nc, V) recomputed: the price of not storing it
+            # (Nc, V) recomputed, in the one block: the price of not storing them
+            logits = torch.mm(hidden[rows], weight.T, out=block[: min(ctx.chunk_size, N - start)])
             grad_logits = _logprobs_backward(grad_logp[rows], grad_entropy[rows], logits, targets[rows],
                                              row_max[rows], row_log_d[rows], entropy[rows], ctx.temperature,
                                              in_place=True)  # (Nc, V), in the logits' memory
@@ -448,7 +450,6 @@ class _LinearLogProbs(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.T, hidden[rows])  # in place: no (V, C) temporary
                 else:
                     grad_weight += grad_logits.T @ hidden[rows]  # the bf16 / fp16 product, added in fp32
-            del logits, grad_logits
         if need_grad_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None  # none for targets, temperature, chunk_size
