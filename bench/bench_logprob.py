@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `kernels`
+from support.memory import allocated  # noqa: E402
 from support.training import flag, parse_args  # noqa: E402
 from kernels.logprob import (  # noqa: E402
     linear_logprobs,
@@ -316,20 +317,12 @@ def cpu_peak_bytes(case, N, V, C, dtype, chunk_bytes, seconds=None):
     read from the profiler's memory events, as torch.cuda.max_memory_allocated reads CUDA's. (Resident
     memory would count what the C library keeps after a free: many chunk-sized blocks look like a leak.)
     seconds: a list that gets the step's wall time appended."""
-    from torch.profiler import ProfilerActivity, profile
-
     step(case, make_inputs(case, min(N, 64), V, C, dtype, "cpu"), chunk_bytes)  # first calls, on a few rows
     inputs = make_inputs(case, N, V, C, dtype, "cpu")
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(case, inputs, chunk_bytes)
+    peak, _ = allocated(lambda: step(case, inputs, chunk_bytes))
     if seconds is not None:
         seconds.append(time.perf_counter() - start)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    now = peak = 0
-    for _, nbytes in events:
-        now += nbytes
-        peak = max(peak, now)
     return peak
 
 

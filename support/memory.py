@@ -75,6 +75,23 @@ def stage_estimate(stage, model_cfg, cfg, bf16):
     return parts
 
 
+def allocated(fn):
+    """(peak, largest): the most bytes torch's allocator held at once while fn() ran, above what it held
+    before, and the largest single block it handed out; read from the profiler's memory events, which
+    see the CPU's allocator as torch.cuda.max_memory_allocated sees CUDA's. What the tests check the
+    estimate with, and what bench/bench_logprob.py reports on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak, max((nbytes for _, nbytes in events), default=0)
+
+
 LOWER = {  # what to lower when it does not fit
     "sft": "--batch_size (with --grad_accum to keep the batch) or --max_answer_tokens",
     "reward": "--batch_size, or --max_prompt_tokens / --max_answer_tokens",

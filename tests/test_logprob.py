@@ -335,15 +335,6 @@ def test_chunk_rows_come_from_the_byte_budget():
     assert logprob.chunk_rows(tiny, triton=True, max_chunk_bytes=1) == 1  # never less than a row
 
 
-def _largest_allocation(fn):
-    """The largest single block torch allocates while fn runs (the profiler's memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-
-
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_the_byte_budget_bounds_every_buffer(impl):
     gen = _generator("budget", impl)
@@ -357,7 +348,9 @@ def test_the_byte_budget_bounds_every_buffer(impl):
         logp, entropy = linear_logprobs(hidden, weight, targets, max_chunk_bytes=budget, impl=impl)
         (logp.sum() + entropy.sum()).backward()
 
-    assert _largest_allocation(forward_backward) <= budget  # all (N, V) logits at once would be 1.2 MB
+    from support.memory import allocated
+
+    assert allocated(forward_backward)[1] <= budget  # all (N, V) logits at once would be 1.2 MB
     logp_ref, entropy_ref = linear_logprobs_reference(hidden, weight, targets)
     logp, entropy = linear_logprobs(hidden, weight, targets, max_chunk_bytes=budget, impl=impl)
     torch.testing.assert_close(logp, logp_ref)

@@ -1,5 +1,5 @@
 """support/memory.py: the per-stage memory estimate a GPU run prints at its start, checked against the
-peak the CPU allocator measures (torch.profiler's memory events) for one steady-state training step of
+peak the CPU allocator measures (memory.allocated: torch.profiler's memory events) for one steady-state training step of
 each stage at a small size, in fp32 and under bf16 autocast (the GPU's path, RLHF_CUDA_SHAPED=1)."""
 
 import re
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import train_ppo
 import train_reward
@@ -21,18 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 B, TP, TA = 16, 48, 16  # sequences, prompt and answer tokens
 
 
-def _peak_bytes(fn):
-    """The most bytes fn had allocated at once, above what was allocated before it (all on the CPU)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    now = peak = 0
-    for _, nbytes in events:
-        now += nbytes
-        peak = max(peak, now)
-    return peak
-
-
 def _measured(model, loss_fn):
     """The peak of a training step once AdamW's moments exist (the steady state), with the weights and the
     moments that were there before it: what a GPU's allocator would report as its high-water mark."""
@@ -44,7 +31,7 @@ def _measured(model, loss_fn):
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    return _peak_bytes(step) + memory.n_params(model.config) * 12
+    return memory.allocated(step)[0] + memory.n_params(model.config) * 12
 
 
 def _config(attn="sdpa", V=1000):
