@@ -91,7 +91,8 @@ if [ "$SIDE_BY_SIDE" = auto ] && [[ $threads =~ ^[1-9][0-9]*$ ]] && ((2 * thread
     echo "ppo_nokl: runs beside ppo ($threads of $cores cores each); its output goes to $OUT/ppo_nokl.log"
     # a stopped pipeline stops it too: a background job ignores Ctrl-C
     trap 'pkill -P "$beside" 2>/dev/null; kill "$beside" 2>/dev/null; true' EXIT
-    OMP_NUM_THREADS=$threads stage "$OUT/ppo_nokl" "${nokl[@]}" > "$OUT/ppo_nokl.log" 2>&1 &
+    [ "$RESUME" = 1 ] || : > "$OUT/ppo_nokl.log"  # a resumed run adds to the stopped run's log
+    OMP_NUM_THREADS=$threads stage "$OUT/ppo_nokl" "${nokl[@]}" >> "$OUT/ppo_nokl.log" 2>&1 &
     beside=$!
     OMP_NUM_THREADS=$threads stage "$OUT/ppo" "${ppo[@]}"
     wait "$beside" || { status=$?; tail -n 4 "$OUT/ppo_nokl.log" >&2; exit $status; }
@@ -121,7 +122,11 @@ for ((r = 2; r <= ROUNDS; r++)); do
     reward=$dir/reward/ckpt.pt
 done
 
+if [ "$RESUME" = 1 ]; then  # the figures, the report and the wall time are this run's, not a stopped one's
+    sed -i -E '/^(figures|report|pipeline) /d' "$OUT/times.txt"
+fi
 timed figures python notebooks/plots.py "$OUT"
 timed report python tools/report.py "$OUT"
-echo "pipeline $SECONDS s" >> "$OUT/times.txt"  # this command's wall time: the PPO runs may have overlapped
+# this command's wall time (the PPO runs may have overlapped; after RESUME=1, the resumed part only)
+echo "pipeline $SECONDS s$([ "$RESUME" = 1 ] && echo ' (resumed)')" >> "$OUT/times.txt"
 echo "pipeline done in $SECONDS s; figures in $OUT/*.png; stage times in $OUT/times.txt"

@@ -521,7 +521,8 @@ def _use_kernel(tensor, impl, name):
         return True
     if not _warned_reference:
         warnings.warn(f"kernels.logprob: {name} got tensors on {tensor.device}, so the PyTorch path is "
-                      "used (the Triton kernels need CUDA); pass impl='torch' to choose it explicitly",
+                      "used (the Triton kernels need CUDA); impl='torch' (train_ppo.py: --logprob_impl torch) "
+                      "chooses it without this warning",
                       stacklevel=3)
         _warned_reference = True
     return False

@@ -138,6 +138,7 @@ def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pip
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASH_NO_KL.format(repo=str(REPO)))
     (out / "ppo_nokl" / "done").unlink()
+    first_log = (out / "ppo_nokl.log").read_text()
     # torch's default threads (OMP_NUM_THREADS unset): side by side with half the cores each
     code, log = pipeline(out, hook, ROUNDS="1", RESUME="1", SIDE_BY_SIDE="auto", OMP_NUM_THREADS=None)
     cores = len(os.sched_getaffinity(0))
@@ -145,6 +146,16 @@ def test_the_no_kl_run_beside_ppo_is_the_run_alone_and_its_failure_stops_the_pip
     assert code == 1 and "RuntimeError: the no-KL run broke" in log
     assert log.strip().splitlines()[-1].startswith("pipeline.sh: ppo_nokl stopped (exit 1); RESUME=1")
     assert "ppo: finished before, kept" in log and not (out / "ppo_nokl" / "done").exists()
+
+    # resumed to the end: the no-KL log goes on after the stopped runs' logs; the figures, the report and the
+    # wall time appear once each in times.txt, the resumed run's
+    code, log = pipeline(out, ROUNDS="1", RESUME="1", SIDE_BY_SIDE="auto", OMP_NUM_THREADS=None)
+    assert code == 0, log[-3000:]
+    assert (out / "ppo_nokl.log").read_text().startswith(first_log)
+    times = (out / "times.txt").read_text().splitlines()
+    names = [line.split()[0] for line in times]
+    assert names.count("figures") == names.count("report") == names.count("pipeline") == 1
+    assert times[-1] == f"pipeline {int(log.split('pipeline done in ')[1].split()[0])} s (resumed)"
 
 
 def test_bad_rounds_and_resume_values_are_one_line(tmp_path):
