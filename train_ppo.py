@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from kernels.logprob import IMPLS as LOGPROB_IMPLS
 from kernels.logprob import linear_logprobs
 from model import PolicyWithValue, generate, last_token_index
-from support import memory
+from support import distributed, memory
 from support.checkpoint import save_checkpoint
 from support.data import decode_answers
 from support.ppo_run import evaluate, load_checkpoints, log_iteration, prompt_sets, resume
@@ -103,6 +103,7 @@ class Config:
 def check_config(cfg):
     """Every flag checked before any work starts (a bad one must not crash after the first evaluation)."""
     check_flags(cfg)
+    distributed.check_splits(cfg, "prompts_per_iter", "minibatch_size")  # torchrun: each rank samples its share
     check(cfg.minibatch_size <= cfg.prompts_per_iter * cfg.samples_per_prompt,
           f"--minibatch_size {cfg.minibatch_size} is larger than a rollout "
           f"({cfg.prompts_per_iter} prompts x {cfg.samples_per_prompt} samples)")
@@ -180,9 +181,10 @@ def masked_mean(x, mask):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries; outside the mask stays 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """(x - mean) / std over the masked entries (of every rank's rollout under torchrun); outside the mask
+    stays 0."""
+    mean = distributed.masked_mean(x, mask)
+    var = distributed.masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -272,13 +274,13 @@ def exact_kl(policy, ref, hidden, hidden_ref, action_mask, temperature, chunk=10
 
 
 @torch.no_grad()
-def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg, order):
+def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg, minibatches):
     """logp, entropy and values of the policy, logp_ref of the reference, the exact KL, and the reward
     model's scores of a rollout, each (B, T) or (B,) in row order. The rows run in the mini-batches of the
-    first PPO epoch (order.split(minibatch_size)), which recomputes logp with the same function on the same
-    rows: its ratio is exactly 1, also on a GPU, where a matmul's rounding depends on its shape."""
+    first PPO epoch (a list of row indices), which recomputes logp with the same function on the same rows:
+    its ratio is exactly 1, also on a GPU, where a matmul's rounding depends on its shape."""
     out = {"logp": [], "entropy": [], "values": [], "logp_ref": [], "kl_exact": [], "score": []}
-    for rows in order.split(cfg.minibatch_size):
+    for rows in minibatches:
         tok, att, act = tokens[rows], attention_mask[rows], answer_mask[rows].float()
         with autocast(tokens.device):
             hidden, values = model(tok, att)  # (B, T, C), (B, T)
@@ -289,23 +291,28 @@ def rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mas
         kl_exact = exact_kl(model.policy, ref, hidden.float(), hidden_ref.float(), act, cfg.temperature)
         for key, value in zip(out, (logp, entropy, at_actions(values, act), logp_ref, kl_exact, score)):
             out[key].append(value)
+    order = torch.cat(minibatches)
     return {key: torch.cat(value)[order.argsort()] for key, value in out.items()}  # back in row order
 
 
 def rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates):
     """The iteration's metrics as Python floats: means over the rollout's answers (or answer tokens), and
-    the update metrics' means over all updates, fetched from the device in one sync."""
+    the update metrics' means over all updates, fetched from the device in one sync. Under torchrun, over
+    every rank's answers (each rank holds as many; the explained variance is the ranks' mean)."""
     stats = {
         "reward": roll["score"].mean(),  # the reward model's score, before penalties
         "kl": kl.sum(1).mean(),  # sum over the answer of logp - logp_ref (the penalty's estimate), mean over answers
         "kl_exact": roll["kl_exact"].sum(1).mean(),  # the same with the exact KL over the vocabulary
-        "entropy": masked_mean(roll["entropy"], action_mask),
+        "entropy": distributed.masked_mean(roll["entropy"], action_mask),
         **sums,
         "explained_variance": explained_variance(roll["values"], returns, action_mask),
         "answer_length": action_mask.sum(1).mean(),
         "eos_fraction": ends_with_eos.float().mean(),
     }
-    values = torch.stack([torch.as_tensor(v).float() for v in stats.values()]).tolist()  # the one sync point
+    values = torch.stack([torch.as_tensor(v).float() for v in stats.values()])
+    # the ranks' means averaged, their shares of the update metrics added (torchrun); then the one sync point
+    values = distributed.sum_over_ranks(torch.where(torch.tensor([k in sums for k in stats], device=values.device),
+                                                    values, values / distributed.WORLD)).tolist()
     return {key: value / n_updates if key in sums else value for key, value in zip(stats, values)}
 
 
@@ -315,7 +322,7 @@ def rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates
 
 def main(cfg):
     check_config(cfg)
-    device = pick_device(cfg.device, cfg.attn_impl)
+    device = distributed.setup(pick_device(cfg.device, cfg.attn_impl))  # torchrun: this rank's device
     torch.manual_seed(cfg.seed)
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
 
@@ -346,24 +353,27 @@ def main(cfg):
     for it in range(start_iter, cfg.iterations):
         # ---- 1. rollout: sample answers from the current policy ----
         t0 = time.time()
-        rows = batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed)
+        # under torchrun each rank samples its share of the prompts, with a seed of its own
+        rows = distributed.share(batch_indices(it, len(train_prompts), cfg.prompts_per_iter, cfg.seed))
         rows = [i for i in rows for _ in range(cfg.samples_per_prompt)]
         with autocast(device):  # sampled with the numerics that score it (bf16 on a GPU)
             tokens, attention_mask, answer_mask = generate(model.policy, [train_ids[i] for i in rows],
                                                            cfg.max_new_tokens, tok.eos_id, cfg.temperature,
-                                                           seed=cfg.seed * 1000 + it)
+                                                           seed=(cfg.seed * 1000 + it) * distributed.WORLD
+                                                           + distributed.RANK)
         gen_time = time.time() - t0
         action_mask = answer_mask.float()
 
         # ---- 2. score it: reward model, log-probs of policy and reference, values ----
         t1 = time.time()
-        orders = [torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed + 31 * it + epoch))
-                  .to(device) for epoch in range(cfg.ppo_epochs)]  # each PPO epoch's shuffle of the rollout
-        roll = rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg, orders[0])
+        # each PPO epoch's shuffle of the rollout, in mini-batches (of this rank's share of each under torchrun)
+        epochs = [torch.randperm(len(tokens), generator=torch.Generator().manual_seed(cfg.seed + 31 * it + epoch))
+                  .to(device).split(cfg.minibatch_size // distributed.WORLD) for epoch in range(cfg.ppo_epochs)]
+        roll = rollout_forward(model, ref, reward_model, tokens, attention_mask, answer_mask, cfg, epochs[0])
         ends_with_eos = ((tokens == tok.eos_id) & answer_mask.bool()).any(dim=1)
         score = roll["score"] - cfg.eos_penalty * (~ends_with_eos).float()
         if cfg.reward_scaling:
-            score_std.update(score)
+            score_std.update(torch.tensor(distributed.gather(score.tolist())))  # every rank's scores
             score = score / score_std.std
 
         # ---- 3. per-token rewards with the KL penalty, then GAE ----
@@ -375,31 +385,36 @@ def main(cfg):
         # ---- 4. PPO epochs over shuffled mini-batches of the rollout ----
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "value_clip_frac": 0.0, "approx_kl": 0.0}
         n_updates = 0
-        for order in orders:
-            for mb in order.split(cfg.minibatch_size):
+        for minibatches in epochs:
+            for mb in minibatches:
                 mb_mask = action_mask[mb]
                 logp, _, values = policy_forward(model, tokens[mb], attention_mask[mb], mb_mask, cfg)
                 pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask,
                                                                 cfg.clip_eps)
                 vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][mb], returns[mb], mb_mask, cfg.clip_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
+                # a mean over the mini-batch's tokens on every rank: this rank's mean, weighted by its share
+                share = distributed.share_weight(mb_mask.sum())
+                loss = (pg_loss + cfg.vf_coef * vf_loss) * share
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.sync_gradients(model)  # torchrun: the whole mini-batch's gradient on every rank
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 optimizer.step()
                 for key, value in zip(sums, (pg_loss, vf_loss, clip_frac, vf_clip_frac, approx_kl)):
-                    sums[key] += value.detach()
+                    sums[key] += value.detach() * share
                 n_updates += 1
         train_time = time.time() - t1
 
         # ---- 5. adapt the KL coefficient, log; evaluate and checkpoint every eval_interval ----
         step = it + 1
         record = {"step": step, **rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates)}
+        n_answers = len(rows) * distributed.WORLD  # every rank's
         if kl_ctl is not None:
-            kl_ctl.update(record["kl"], len(tokens))
+            kl_ctl.update(record["kl"], n_answers)
             kl_coef = kl_ctl.value
-        n_tokens = sum(len(train_ids[i]) for i in rows) + record["answer_length"] * len(rows)  # counted on the host
-        record.update(kl_coef=kl_coef, gen_tokens_per_s=record["answer_length"] * len(rows) / gen_time,
+        # counted on the host (this rank's prompts, every rank's answers)
+        n_tokens = sum(len(train_ids[i]) for i in rows) * distributed.WORLD + record["answer_length"] * n_answers
+        record.update(kl_coef=kl_coef, gen_tokens_per_s=record["answer_length"] * n_answers / gen_time,
                       train_tokens_per_s=n_tokens * (cfg.ppo_epochs + 1) / train_time)
         prompts, answers = [train_prompts[i] for i in rows], decode_answers(tok, tokens, answer_mask)
         log_iteration(log, samples_log, progress, record, prompts, answers, roll["score"].tolist(), cfg)

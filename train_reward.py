@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from model import RewardModel
-from support import memory, task
+from support import distributed, memory, task
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint, save_checkpoint
 from support.comparisons import fit_batch_size, load_comparisons
 from support.data import DataError, Tokenizer, encode_prompt, load_preferences, pad_batch
@@ -107,6 +107,7 @@ class Config:
 def check_config(cfg):
     """Every flag checked before any work starts: each within its limits, then the rules that tie two."""
     check_flags(cfg)
+    distributed.check_splits(cfg, "batch_size")  # under torchrun: each rank takes its share of every batch
     check(not cfg.policy or (cfg.data == "default" and cfg.candidates == "policy"),
           "--policy only fits --data default with --candidates policy (the built-in task's labellers rank its answers)")
     check(all(policy_paths(cfg)) and all(extra_paths(cfg)),
@@ -239,7 +240,7 @@ def own_answers(cfg, policy, eval_groups, tok, trunc):
 
 def main(cfg):
     check_config(cfg)
-    device = pick_device(cfg.device, cfg.attn_impl)
+    device = distributed.setup(pick_device(cfg.device, cfg.attn_impl))  # torchrun: this rank's device
     torch.manual_seed(cfg.seed)
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
 
@@ -285,21 +286,27 @@ def main(cfg):
         lr = warmup_cosine(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
         set_lr(optimizer, lr)
         groups = [train_groups[i] for i in batch_indices(it, len(train_groups), cfg.batch_size, cfg.seed)]
-        loss, r_chosen, r_rejected = pair_loss(model, groups, tok.eos_id, cfg.margin_coef, device, cfg.length_buckets)
-        loss.backward()
+        loss, r_chosen, r_rejected = pair_loss(model, distributed.share(groups), tok.eos_id, cfg.margin_coef, device,
+                                               cfg.length_buckets)
+        # a mean over the batch's pairs, whichever rank holds them: this rank's mean, weighted by its share
+        n_pairs = len(comparison_pairs(groups)[0])
+        share = len(r_chosen) / n_pairs
+        (loss * share).backward()
+        distributed.sync_gradients(model)  # torchrun: every rank's gradient is now the batch's whole gradient
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        pairs_seen += len(r_chosen)
-        sums["loss"] += loss.detach()
-        sums["accuracy"] += pair_accuracy(r_chosen, r_rejected).mean().detach()
-        sums["margin"] += (r_chosen - r_rejected).mean().detach()
+        pairs_seen += n_pairs
+        sums["loss"] += loss.detach() * share
+        sums["accuracy"] += pair_accuracy(r_chosen, r_rejected).mean().detach() * share
+        sums["margin"] += (r_chosen - r_rejected).mean().detach() * share
 
         # ---- 5. log every 10 steps; evaluate and checkpoint every eval_interval ----
         step = it + 1
         if step % 10 == 0 or step == cfg.max_iters:
             n = 10 if step % 10 == 0 else step % 10
-            means = {k: float(v) / n for k, v in sums.items()}  # sync points: the means of the last steps
+            totals = distributed.sum_over_ranks(torch.stack(list(sums.values())))  # the ranks' parts added up
+            means = {k: float(v) / n for k, v in zip(sums, totals)}  # a sync point: the means of the last steps
             sums = {k: 0.0 for k in sums}
             check_finite(means["loss"], f"the training loss at step {step}", "lower --lr and start again")
             record = {"step": step, **means, "lr": lr, "pairs_per_s": pairs_seen / (time.time() - t0)}

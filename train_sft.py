@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, PRESETS, config_from_preset
-from support import memory, task
+from support import distributed, memory, task
 from support.checkpoint import load_checkpoint, policy_from_checkpoint, save_checkpoint
 from support.data import (
     DataError, Tokenizer, Truncation, encode_example, encode_prompt, load_demonstrations, pad_batch, train_and_eval,
@@ -82,6 +82,7 @@ class Config:
 def check_config(cfg):
     """Every flag checked before any work starts: each within its limits, then the rules that tie two."""
     check_flags(cfg)
+    distributed.check_splits(cfg, "batch_size")  # under torchrun: each rank takes its share of every micro-batch
     check(cfg.vocab != "task" or cfg.data == "default", "--vocab task only fits --data default (the built-in task)")
     check(cfg.init != "gpt2" or cfg.weights, "--init gpt2 needs --weights DIR, a local Hugging Face GPT-2 folder")
     check_out_dir(cfg.out_dir)
@@ -194,7 +195,7 @@ def load_data(cfg, tok):
 
 def main(cfg):
     check_config(cfg)
-    device = pick_device(cfg.device, cfg.attn_impl)
+    device = distributed.setup(pick_device(cfg.device, cfg.attn_impl))  # torchrun: this rank's device
     torch.manual_seed(cfg.seed)
     ckpt_path = f"{cfg.out_dir}/ckpt.pt"
 
@@ -230,16 +231,17 @@ def main(cfg):
         set_lr(optimizer, lr)
         batches = [[train[i] for i in batch_indices(it * cfg.grad_accum + m, len(train), cfg.batch_size, cfg.seed)]
                    for m in range(cfg.grad_accum)]
-        # the loss is a mean over all answer tokens of the step, however they fall into micro-batches
+        # the loss is a mean over all answer tokens of the step, however they fall into micro-batches and ranks
         # (counted from the lists: no sync with the GPU)
         n_answer = sum(len(a) for batch in batches for _, a in batch)
         for batch in batches:
-            idx, targets, mask = sft_batch(batch, tok.eos_id, device)
+            idx, targets, mask = sft_batch(distributed.share(batch), tok.eos_id, device)
             with autocast(device):
                 loss = sft_loss(model, idx, targets, mask) / n_answer
             loss.backward()
             loss_sum += loss.detach()
             tokens_seen += sum(len(p) + len(a) - 1 for p, a in batch)
+        distributed.sync_gradients(model)  # torchrun: every rank's gradient is now the step's whole gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -247,7 +249,8 @@ def main(cfg):
         # ---- 5. log every 10 steps; evaluate, sample and checkpoint every eval_interval ----
         step = it + 1
         if step % 10 == 0 or step == cfg.max_iters:
-            loss_value = loss_sum.item() / (10 if step % 10 == 0 else step % 10)  # a sync point: once every 10 steps
+            # a sync point, once every 10 steps (and the ranks' parts of the loss added up)
+            loss_value = distributed.sum_over_ranks(loss_sum).item() / (10 if step % 10 == 0 else step % 10)
             loss_sum.zero_()
             check_finite(loss_value, f"the training loss at step {step}", "lower --lr and start again")
             tok_s = tokens_seen / (time.time() - t0)

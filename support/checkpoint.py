@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig, PolicyWithValue, RewardModel
+from support.distributed import is_main
 from support.errors import LoadError
 
 FORMAT = "rlhf-course-checkpoint/2"
@@ -24,6 +25,8 @@ def save_checkpoint(path, model, stage, step, train_args, tokenizer, optimizer=N
     state, and stage-specific extras. Written to a temporary file and renamed, so a run stopped mid-save
     never leaves a half-written checkpoint (and a leftover temporary file is overwritten next time)."""
     assert stage in STAGE_MODELS
+    if not is_main():  # every rank holds the same weights; rank 0 writes them (support/distributed.py)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {

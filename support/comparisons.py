@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from support import task
+from support.distributed import WORLD, is_main
 from support.data import DataError, Truncation, encode_answer, encode_prompt, load_preferences, train_and_eval
 from support.sampling import sample_answers
 from support.training import Progress
@@ -79,7 +80,9 @@ def file_comparisons(records, tok, trunc, where="text"):
 
 def save_comparisons(path, groups, tok):
     """The ranked comparisons as text, in the rankings format load_preferences reads: the data of this
-    round, for the reward models of the rounds after it (--extra_data), and for reading."""
+    round, for the reward models of the rounds after it (--extra_data), and for reading. Rank 0 writes it."""
+    if not is_main():
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for g in groups:
@@ -130,6 +133,10 @@ def fit_batch_size(cfg, train_groups):
     (tools/label.py) gives a few, and each step then takes them all, said in one line."""
     if len(train_groups) >= cfg.batch_size:
         return cfg
+    batch = len(train_groups) - len(train_groups) % WORLD  # under torchrun, a share for every rank
+    if batch == 0:
+        raise DataError(f"{cfg.data}: {len(train_groups)} comparisons to train on, fewer than the {WORLD} processes; "
+                        "rank more answers, or run one process")
     print(f"{cfg.data}: {len(train_groups)} comparisons to train on, fewer than --batch_size {cfg.batch_size}: "
-          f"each step takes all {len(train_groups)}")
-    return dataclasses.replace(cfg, batch_size=len(train_groups))
+          f"each step takes {'all ' if batch == len(train_groups) else ''}{batch}")
+    return dataclasses.replace(cfg, batch_size=batch)

@@ -6,7 +6,7 @@ run resumed, the held-out evaluation, and the logs. Each function takes train_pp
 import torch
 
 from model import generate
-from support import task
+from support import distributed, task
 from support.checkpoint import load_checkpoint, model_from_checkpoint, policy_from_checkpoint
 from support.data import DataError, Tokenizer, Truncation, decode_answers, encode_prompt, load_prompts
 from support.sampling import rows_per_call
@@ -56,17 +56,19 @@ def prompt_sets(cfg, tok):
 @torch.no_grad()
 def evaluate(model, reward_model, tok, prompts, prompt_ids, cfg, device, step):
     """The held-out eval: answers to the same prompts with the same sampling seed every time (the curve
-    moves only if the policy does), their mean reward-model score and, on the built-in task, gold score."""
-    answers, scores = [], []
+    moves only if the policy does), their mean reward-model score and, on the built-in task, gold score.
+    Under torchrun the ranks share out the calls, each seeded by its first row: the same answers as one process."""
+    calls = []
     # 128 prompts per call, fewer where their KV cache would not fit (GPT-2 with long prompts on a GPU)
-    rows = rows_per_call(model.policy, max(map(len, prompt_ids)) + cfg.max_new_tokens, limit=128)
-    for start in range(0, len(prompts), rows):
+    rows = distributed.smallest(rows_per_call(model.policy, max(map(len, prompt_ids)) + cfg.max_new_tokens, limit=128))
+    for start in distributed.share(range(0, len(prompts), rows)):
         with autocast(device):  # sampled with the numerics that score it (bf16 on a GPU)
             tokens, attention_mask, answer_mask = generate(model.policy, prompt_ids[start : start + rows],
                                                            cfg.max_new_tokens, tok.eos_id, cfg.temperature,
                                                            seed=cfg.seed + 7 + start)
-            scores += reward_model(tokens, attention_mask).tolist()
-        answers += decode_answers(tok, tokens, answer_mask)
+            calls.append((reward_model(tokens, attention_mask).tolist(), decode_answers(tok, tokens, answer_mask)))
+    calls = distributed.gather(calls)
+    scores, answers = [x for s, _ in calls for x in s], [a for _, answers in calls for a in answers]
     metrics = {"step": step, "eval_reward": sum(scores) / len(scores)}
     if cfg.data == "default":  # no gold judge for outside data
         metrics["eval_gold"] = sum(task.gold_score(p, a) for p, a in zip(prompts, answers)) / len(answers)
@@ -88,8 +90,8 @@ def log_iteration(log, samples_log, progress, record, prompts, answers, scores, 
     """The iteration's metrics (with the gold score of its answers on the built-in task) into metrics.jsonl
     and the progress bar; every sample_interval, the first answer to each of four prompts into samples.jsonl."""
     gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
-    if gold is not None:
-        record["gold"] = sum(gold) / len(gold)
+    if gold is not None:  # under torchrun, the mean of the ranks' means (each holds as many answers)
+        record["gold"] = distributed.mean_over_ranks(sum(gold) / len(gold))
     check_finite(record["policy_loss"] + record["value_loss"], f"the PPO loss at iteration {record['step']}",
                  "lower --lr and start again")
     log.write(record)

@@ -9,6 +9,7 @@ import torch
 
 from kernels import gpu_path
 from model import generate
+from support import distributed
 from support.training import autocast
 
 SAMPLE_ROWS, CPU_CACHE_BYTES = 1024, 2**30
@@ -39,15 +40,17 @@ def sample_answers(model, prompt_ids, max_new_tokens, eos_id, temperature=1.0, s
     sampled under the device's autocast, as the stages score them: a list of token-id lists, each with the
     EOS that ended it (an answer cut at max_new_tokens has none).
     on_batch(n), if given, is called with the number of answers done after each call (a progress bar)."""
-    if batch_size is None:
-        batch_size = rows_per_call(model, max(map(len, prompt_ids), default=0) + max_new_tokens)
-    answers = []
-    for start in range(0, len(prompt_ids), batch_size):
+    if batch_size is None:  # under torchrun, what fits on every rank: the calls are the same with any number
+        batch_size = distributed.smallest(rows_per_call(model, max(map(len, prompt_ids), default=0) + max_new_tokens))
+    calls, done = [], 0
+    # each call's seed is its first row's: the ranks share out the calls and get the answers one process would
+    for start in distributed.share(range(0, len(prompt_ids), batch_size)):
         with autocast(model.transformer.wte.weight.device):
             tokens, _, answer_mask = generate(model, prompt_ids[start : start + batch_size], max_new_tokens, eos_id,
                                               temperature=temperature, seed=seed + start)
-        answers += [[t for t, keep in zip(row, mask) if keep]
-                    for row, mask in zip(tokens.tolist(), answer_mask.tolist())]
+        calls.append([[t for t, keep in zip(row, mask) if keep]
+                      for row, mask in zip(tokens.tolist(), answer_mask.tolist())])
+        done += len(calls[-1])
         if on_batch:
-            on_batch(len(answers))
-    return answers
+            on_batch(min(done * distributed.WORLD, len(prompt_ids)))  # about as many on every rank
+    return [answer for call in distributed.gather(calls) for answer in call]

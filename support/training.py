@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kernels import gpu_path
+from support.distributed import is_main
 from support.errors import LoadError, UsageError
 
 # -----------------------------------------------------------------------------
@@ -189,6 +190,8 @@ class MetricsLog:
 
     def __init__(self, path, resume_step=None):
         self.path = Path(path)
+        if not is_main():  # rank 0 writes the log (support/distributed.py)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -198,6 +201,8 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record):
+        if not is_main():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -231,6 +236,8 @@ class Progress:
         self.shown = -1  # the last twentieth of the way a plain line was printed for
 
     def update(self, step, **metrics):
+        if not is_main():
+            return
         done = step / max(self.total, 1)
         filled = int(20 * done)
         if not self.tty:
@@ -246,7 +253,7 @@ class Progress:
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self):
-        if self.tty:
+        if self.tty and is_main():
             print(file=sys.stderr)
 
 
@@ -258,9 +265,11 @@ def run(main):
     try:
         main()
     except (LoadError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main():  # under torchrun every rank meets the same error; rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\nstopped; run the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        if is_main():
+            print("\nstopped; run the same command with --resume to continue from the last checkpoint",
+                  file=sys.stderr)
         sys.exit(130)

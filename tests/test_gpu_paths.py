@@ -130,7 +130,8 @@ def test_the_first_ppo_update_recomputes_the_rollouts_log_probs_exactly(gpu_path
     with autocast(CPU):
         tokens, attention_mask, answer_mask = generate(model.policy, prompts, 10, eos_id=100, seed=1)
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(3))
-    roll = train_ppo.rollout_forward(model, ref, rm, tokens, attention_mask, answer_mask, cfg, order)
+    roll = train_ppo.rollout_forward(model, ref, rm, tokens, attention_mask, answer_mask, cfg,
+                                     order.split(cfg.minibatch_size))
     assert roll["score"].dtype == roll["values"].dtype == torch.float32
     for mb in order.split(cfg.minibatch_size):
         logp, _, values = train_ppo.policy_forward(model, tokens[mb], attention_mask[mb], answer_mask[mb].float(),
