@@ -10,6 +10,7 @@
 #   RESUME=1 bash pipeline.sh              # keep the finished stages, continue the stopped one
 #   OMP_NUM_THREADS=1 bash pipeline.sh     # one thread per process (the two PPO runs go side by side)
 #   SIDE_BY_SIDE=0 bash pipeline.sh        # the two PPO runs one after the other (e.g. a small GPU)
+#   NPROC=2 bash pipeline.sh               # every stage under torchrun with 2 processes (GPUs, or CPU cores)
 #
 # Rounds (InstructGPT, Llama 2): round 1 is the pipeline above. In round r >= 2 the simulated labellers
 # rank answers of round r-1's policies (in round 2 also the unleashed one's: its hacks get labelled),
@@ -21,6 +22,7 @@
 # each (on 2 cores: one thread each). Never more: two processes of two threads on a 2-core CPU take 5x
 # longer than one after the other (bench/RESULTS.md). Each process computes exactly what it computes
 # alone with as many threads. SIDE_BY_SIDE=0: one after the other, with the threads of the other stages.
+# With NPROC > 1 each stage takes all NPROC processes, and the two run one after the other.
 #
 # Each stage's wall time is appended to $OUT/times.txt, and at the end the whole command's.
 set -euo pipefail
@@ -30,12 +32,16 @@ SEED=${SEED:-1337}
 ROUNDS=${ROUNDS:-1}
 RESUME=${RESUME:-0}
 SIDE_BY_SIDE=${SIDE_BY_SIDE:-auto}
+NPROC=${NPROC:-1}
 usage() { echo "pipeline.sh: $1" >&2; exit 2; }
 # every variable checked before the run folder is touched: a bad one must not cost a finished stage
 [[ $SEED =~ ^[0-9]{1,9}$ ]] || usage "SEED=$SEED: give a whole number from 0 to 999999999"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage "ROUNDS=$ROUNDS: give the number of rounds, 1 or more"
 [[ $RESUME =~ ^[01]$ ]] || usage "RESUME=$RESUME: use 1 (keep the finished stages) or 0"
 [[ $SIDE_BY_SIDE =~ ^(auto|0)$ ]] || usage "SIDE_BY_SIDE=$SIDE_BY_SIDE: use auto (when the cores allow) or 0 (never)"
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || usage "NPROC=$NPROC: give the number of processes per stage, 1 or more"
+train=(python)  # how a training stage starts: one process, or NPROC under torchrun (support/distributed.py)
+[ "$NPROC" = 1 ] || train=(python -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
 read -r -a sft_flags <<< "${SFT_FLAGS:-}"
 read -r -a reward_flags <<< "${REWARD_FLAGS:-}"
 read -r -a ppo_flags <<< "${PPO_FLAGS:-}"
@@ -79,15 +85,15 @@ stage() {  # stage DIR COMMAND...: a training stage writing DIR/ckpt.pt; with RE
 }
 
 sft=$OUT/sft/ckpt.pt
-stage "$OUT/sft" python train_sft.py --out_dir "$OUT/sft" --seed "$SEED" "${sft_flags[@]}" "$@"
-stage "$OUT/reward" python train_reward.py --sft "$sft" --out_dir "$OUT/reward" --seed "$SEED" "${reward_flags[@]}" "$@"
-ppo=(python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo" --seed "$SEED"
+stage "$OUT/sft" "${train[@]}" train_sft.py --out_dir "$OUT/sft" --seed "$SEED" "${sft_flags[@]}" "$@"
+stage "$OUT/reward" "${train[@]}" train_reward.py --sft "$sft" --out_dir "$OUT/reward" --seed "$SEED" "${reward_flags[@]}" "$@"
+ppo=("${train[@]}" train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo" --seed "$SEED"
      "${ppo_flags[@]}" "$@")
-nokl=(python train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo_nokl" --kl_coef 0
+nokl=("${train[@]}" train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" --out_dir "$OUT/ppo_nokl" --kl_coef 0
       --seed "$SEED" "${ppo_flags[@]}" "$@")
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
 threads=${OMP_NUM_THREADS:-$((cores / 2))}  # unset: half the cores each
-if [ "$SIDE_BY_SIDE" = auto ] && [[ $threads =~ ^[1-9][0-9]*$ ]] && ((2 * threads <= cores)); then
+if [ "$SIDE_BY_SIDE" = auto ] && [ "$NPROC" = 1 ] && [[ $threads =~ ^[1-9][0-9]*$ ]] && ((2 * threads <= cores)); then
     echo "ppo_nokl: runs beside ppo ($threads of $cores cores each); its output goes to $OUT/ppo_nokl.log"
     # a stopped pipeline stops it too: a background job ignores Ctrl-C
     trap 'pkill -P "$beside" 2>/dev/null; kill "$beside" 2>/dev/null; true' EXIT
@@ -111,10 +117,10 @@ reward=$OUT/reward/ckpt.pt                       # the reward model the next one
 for ((r = 2; r <= ROUNDS; r++)); do
     dir=$OUT/round$r
     # new prompts for the labellers each round (another seed); PPO keeps --seed: the same held-out eval
-    stage "$dir/reward" python train_reward.py --sft "$sft" --policy "$policies" \
+    stage "$dir/reward" "${train[@]}" train_reward.py --sft "$sft" --policy "$policies" \
         --extra_data "$comparisons" --init "$reward" \
         --out_dir "$dir/reward" --seed $((SEED + r - 1)) "${reward_flags[@]}" "$@"
-    stage "$dir/ppo" python train_ppo.py --sft "$sft" --policy "$previous" \
+    stage "$dir/ppo" "${train[@]}" train_ppo.py --sft "$sft" --policy "$previous" \
         --reward "$dir/reward/ckpt.pt" --out_dir "$dir/ppo" --seed "$SEED" "${ppo_flags[@]}" "$@"
     comparisons=$comparisons,$dir/reward/comparisons.jsonl
     previous=$dir/ppo/ckpt.pt

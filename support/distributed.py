@@ -14,7 +14,6 @@ A loss that is a mean over the global batch stays one: each rank divides its sum
 helper here returns its input or does nothing.
 """
 
-import atexit
 import os
 import sys
 import warnings
@@ -56,11 +55,25 @@ def setup(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda"
                             else None)
-    atexit.register(dist.destroy_process_group)  # leave the group cleanly however the script ends
     if not is_main():
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
     return device
+
+
+def finish(code):
+    """End a run under torchrun: on success, wait for every rank and leave the group; then end the process
+    at once with code. Python's own teardown would come after the group's threads, and sometimes abort
+    on them (exit -6); after an error the other ranks may be inside a collective, so this rank leaves
+    without waiting, and torchrun stops them."""
+    if not dist.is_initialized():
+        return
+    if code == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def share(items):
@@ -68,16 +81,26 @@ def share(items):
     return items[RANK::WORLD]
 
 
-def sync_gradients(model):
+def sync_gradients(model, bucket_bytes=25 * 2**20):
     """Add every rank's gradient into every rank's (a parameter without one counts as zeros): after this,
-    each rank holds the gradient of the global batch's loss."""
+    each rank holds the gradient of the global batch's loss. The gradients travel flattened into buckets
+    of about 25 MB, as DDP's do: one all-reduce per tensor would pay a network round trip for each."""
     if WORLD == 1:
         return
+    grads = []
     for p in model.parameters():
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            grads.append(p.grad)
+    while grads:
+        bucket = [grads.pop(0)]
+        while grads and sum(g.nbytes for g in bucket) + grads[0].nbytes <= bucket_bytes:
+            bucket.append(grads.pop(0))
+        flat = torch.cat([g.flatten() for g in bucket])
+        dist.all_reduce(flat)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
 
 
 def sum_over_ranks(x):

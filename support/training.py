@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kernels import gpu_path
-from support.distributed import is_main
+from support.distributed import finish, is_main
 from support.errors import LoadError, UsageError
 
 # -----------------------------------------------------------------------------
@@ -262,14 +262,18 @@ def run(main):
     and exit code 2, no traceback; Ctrl-C says how to continue. A warning (e.g. a kernel falling back to
     PyTorch on a CPU) is one `warning:` line, without the source line Python would print under it."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    code = 0
     try:
         main()
     except (LoadError, UsageError) as e:
         if is_main():  # under torchrun every rank meets the same error; rank 0 says it
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         if is_main():
             print("\nstopped; run the same command with --resume to continue from the last checkpoint",
                   file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    finish(code)  # under torchrun: every rank done, then out of the process group
+    if code:
+        sys.exit(code)

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from conftest import REPO
+from test_rounds import pipeline
 
 SFT = ["--max_iters", "20", "--n_train", "300", "--n_eval", "20", "--eval_prompts", "16", "--eval_interval", "10",
        "--batch_size", "8", "--grad_accum", "2"]
@@ -175,6 +176,7 @@ whitened = train_ppo.masked_whiten(advantages[mine], actions[mine])
 alone = train_ppo.masked_whiten(advantages, actions)  # the whole rollout as one process sees it
 out["whiten_error"] = (whitened - alone[mine]).abs().max().item()
 json.dump(out, open(sys.argv[1] + f"/rank{{distributed.RANK}}.json", "w"))
+distributed.finish(0)
 """
 
 
@@ -202,3 +204,17 @@ def test_a_batch_that_does_not_split_is_one_line_from_rank_0(tmp_path):
                       "--nproc_per_node"]
     assert "exitcode  : 2" in stderr  # torchrun's own report: each process exited with code 2
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_pipeline_with_nproc_runs_every_stage_under_torchrun(tmp_path):
+    """NPROC=2 bash pipeline.sh: every training stage under torchrun, the PPO runs one after the other; a
+    RESUME=1 with another NPROC is another command, refused rather than mixed."""
+    out = tmp_path / "out"
+    code, log = pipeline(out, ROUNDS="1", NPROC="2", SIDE_BY_SIDE="auto")
+    assert code == 0, log[-3000:]
+    for stage in ("sft", "reward", "ppo", "ppo_nokl"):
+        assert (out / stage / "done").read_text().startswith(
+            "python -m torch.distributed.run --standalone --nproc_per_node 2 train_")
+    assert "runs beside ppo" not in log and (out / "report.md").is_file()
+    code, log = pipeline(out, ROUNDS="1", RESUME="1")
+    assert code == 2 and f"pipeline.sh: {out}/sft was made by another command" in log

@@ -185,6 +185,7 @@ def test_a_stage_that_refuses_its_input_is_not_offered_resume(tmp_path):
     ("ROUNDS", "0", "ROUNDS=0: give the number of rounds, 1 or more"),
     ("RESUME", "yes", "RESUME=yes: use 1"),
     ("SIDE_BY_SIDE", "1", "SIDE_BY_SIDE=1: use auto"),
+    ("NPROC", "0", "NPROC=0: give the number of processes per stage, 1 or more"),
 ])
 def test_a_bad_variable_is_one_line_before_the_run_folder_is_touched(tmp_path, variable, value, message):
     out = tmp_path / "out"  # a finished run: its stage times and a finished stage's marker must survive
