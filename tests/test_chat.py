@@ -109,7 +109,7 @@ def test_task_models_take_one_question_at_a_time(run_dir):
     assert plum.count("[") == 2 and plum.count("no gold: not a question of the built-in task]") == 2, plum
     assert banana_again.rstrip("\n") == banana  # greedy: the same prompt, the same answers
     assert thanks.splitlines()[1:] == [
-        f"{name}> (this model knows only the built-in task's words, not 'Thanks, robot!'; try e.g. 'What color is a "
+        f"{name}> (this model knows only the built-in task's words, not 'Thanks robot'; try e.g. 'What color is a "
         "banana?')" for name in ("sft", "ppo")]  # no conversation to go on with
     assert "dropped" not in out
 

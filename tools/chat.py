@@ -28,6 +28,7 @@ judge's score; where a score is missing, the answer says why.
 Commands: /reset forgets the conversation, /quit (or the end of the input) leaves.
 """
 
+import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,13 +111,14 @@ def fit_turns(tok, turns, message, budget):
 
 
 def unknown_words(tok, message):
-    """The words of a message that tok cannot encode (with a compact vocabulary: words outside the task)."""
+    """The words of a message that tok cannot encode (with a compact vocabulary: words outside the task),
+    without the punctuation around them."""
     unknown = []
     for word in message.split():
         try:
             tok.encode(" " + word)  # as in the prompt, where every word of the message follows a space
         except DataError:
-            unknown.append(word)
+            unknown.append(word.strip(string.punctuation) or word)
     return unknown
 
 
