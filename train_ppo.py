@@ -27,8 +27,13 @@ matter: several samples per prompt, a penalty for answers without EOS, whitened 
 reward scaling, value clipping, PPO epochs over mini-batches, gradient clipping, an adaptive KL
 coefficient, and log-probs recomputed with the very numerics of training.
 
+Beyond PPO's recipe, two switches: --advantage grpo (or dr_grpo, rloo, reinforce) drops the value head
+and takes the other answers sampled for the same prompt as the baseline (group_advantages), and
+--reward gold puts the task's own judge where the reward model was: a verifiable reward.
+
     python train_ppo.py                                  # built-in task, from out/sft and out/reward, CPU
     python train_ppo.py --kl_coef 0 --out_dir out/ppo_nokl      # reward hacking, made visible
+    python train_ppo.py --advantage grpo --samples_per_prompt 4 --out_dir out/grpo      # no critic
 """
 
 import copy
@@ -50,6 +55,8 @@ from support.training import (
     pick_device, run,
 )
 
+ADVANTAGES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce")  # group_advantages: the critic-free ones
+
 
 @dataclass
 class Config:
@@ -59,7 +66,8 @@ class Config:
     sft: str = flag("out/sft/ckpt.pt", "the SFT checkpoint: the frozen reference, and the policy (unless --policy)")
     policy: str = flag("", "the sft or ppo checkpoint the policy starts from (default: --sft): a later RLHF round "
                        "starts from the last round's policy, still held to the SFT reference (as InstructGPT)")
-    reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it)")
+    reward: str = flag("out/reward/ckpt.pt", "the reward-model checkpoint (train_reward.py writes it), or 'gold': "
+                       "the built-in task's gold judge itself, a reward that cannot be gamed the same way")
     data: str = flag("default", "'default' (the built-in task's prompts) or a JSONL of prompts, in any data format")
     n_prompts: int = flag(4000, "built-in task: training prompts drawn (with repeats) from its train split", min=1)
     iterations: int = flag(150, "PPO iterations: each one a rollout, then ppo_epochs of updates on it", min=1)
@@ -76,9 +84,13 @@ class Config:
     kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over", min=1)
     eos_penalty: float = flag(1.0, "subtracted from the score of an answer that did not end with EOS", min=0)
     reward_scaling: bool = flag(False, "divide scores by their running standard deviation")
-    whiten_advantages: bool = flag(True, "normalise advantages to mean 0, std 1 over the rollout's answer tokens")
+    whiten_advantages: bool = flag(True, "gae: normalise advantages to mean 0, std 1 over the rollout's answer "
+                                   "tokens")
     gamma: float = flag(1.0, "discount; 1: a token early in the answer matters as much as a late one", min=0, max=1)
     lam: float = flag(0.95, "GAE lambda: 1 Monte Carlo (high variance), 0 one-step TD (high bias)", min=0, max=1)
+    advantage: str = flag("gae", "the advantages: 'gae' (the value head's, PPO's), or critic-free with the other "
+                          "answers as the baseline: 'grpo', 'dr_grpo', 'rloo' (the prompt's samples_per_prompt "
+                          "answers), 'reinforce' (the whole rollout); see group_advantages", choices=ADVANTAGES)
     ppo_epochs: int = flag(2, "passes over each rollout", min=1)
     minibatch_size: int = flag(32, "answers per PPO update", min=1)
     clip_eps: float = flag(0.2, "policy ratio clip range", above=0, below=1)
@@ -104,6 +116,9 @@ def check_config(cfg):
     """Every flag checked before any work starts (a bad one must not crash after the first evaluation)."""
     check_flags(cfg)
     distributed.check_splits(cfg, "prompts_per_iter", "minibatch_size")  # torchrun: each rank samples its share
+    check(cfg.reward != "gold" or cfg.data == "default", "--reward gold needs --data default (the task's judge)")
+    check(cfg.advantage in ("gae", "reinforce") or cfg.samples_per_prompt >= 2,
+          f"--advantage {cfg.advantage} compares the answers to one prompt: use --samples_per_prompt 2 or more")
     check(cfg.minibatch_size <= cfg.prompts_per_iter * cfg.samples_per_prompt,
           f"--minibatch_size {cfg.minibatch_size} is larger than a rollout "
           f"({cfg.prompts_per_iter} prompts x {cfg.samples_per_prompt} samples)")
@@ -174,6 +189,43 @@ def gae(rewards, values, action_mask, gamma, lam):
     returns = (advantages + values) * action_mask
     return advantages, returns
     # end exercise
+
+
+def group_advantages(returns, action_mask, group_size, method):
+    """Critic-free advantages (B, T): each answer's whole return R (its score minus its KL penalties) against
+    a baseline made of other answers instead of a value head, on every one of its actions. The rollout's rows
+    come in groups of group_size answers to one prompt.
+
+        grpo       A = (R - mean) / std over the group       (Shao et al. 2024, DeepSeekMath)
+        dr_grpo    A = R - mean over the group               (Liu et al. 2025: the std favours groups of equals)
+        rloo       A = R - mean of the group's other answers (Ahmadian et al. 2024) = K/(K-1) (R - mean)
+        reinforce  A = R - mean over the whole rollout       (Williams 1992, with a baseline)
+
+    The policy loss is a mean over the mini-batch's tokens, not over each answer's, so Dr. GRPO's other change
+    (no 1/length per answer) holds for every method here."""
+    if method == "reinforce":
+        advantage = returns - distributed.masked_mean(returns, torch.ones_like(returns))  # every rank's rollout
+    else:
+        r = returns.view(-1, group_size)  # (prompts, K)
+        centred = r - r.mean(dim=1, keepdim=True)
+        if method == "grpo":
+            advantage = centred / (r.std(dim=1, keepdim=True) + 1e-4)  # a group of equal returns teaches nothing
+        elif method == "dr_grpo":
+            advantage = centred
+        else:  # rloo
+            advantage = centred * group_size / (group_size - 1)
+    return advantage.reshape(-1, 1) * action_mask
+
+
+def advantages_and_returns(rewards, values, action_mask, cfg):
+    """(advantages, returns), each (B, T): GAE with the value head (whitened if cfg.whiten_advantages), or with
+    a critic-free cfg.advantage the group's, and returns None: no value head to train."""
+    if cfg.advantage != "gae":
+        return group_advantages(rewards.sum(1), action_mask, cfg.samples_per_prompt, cfg.advantage), None
+    advantages, returns = gae(rewards, values, action_mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, action_mask)
+    return advantages, returns
 
 
 def masked_mean(x, mask):
@@ -305,10 +357,11 @@ def rollout_stats(roll, kl, returns, action_mask, ends_with_eos, sums, n_updates
         "kl_exact": roll["kl_exact"].sum(1).mean(),  # the same with the exact KL over the vocabulary
         "entropy": distributed.masked_mean(roll["entropy"], action_mask),
         **sums,
-        "explained_variance": explained_variance(roll["values"], returns, action_mask),
         "answer_length": action_mask.sum(1).mean(),
         "eos_fraction": ends_with_eos.float().mean(),
     }
+    if returns is not None:  # a value head's (gae)
+        stats["explained_variance"] = explained_variance(roll["values"], returns, action_mask)
     values = torch.stack([torch.as_tensor(v).float() for v in stats.values()])
     # the ranks' means averaged, their shares of the update metrics added (torchrun); then the one sync point
     values = distributed.sum_over_ranks(torch.where(torch.tensor([k in sums for k in stats], device=values.device),
@@ -376,32 +429,35 @@ def main(cfg):
             score_std.update(torch.tensor(distributed.gather(score.tolist())))  # every rank's scores
             score = score / score_std.std
 
-        # ---- 3. per-token rewards with the KL penalty, then GAE ----
+        # ---- 3. per-token rewards with the KL penalty, then GAE (or, critic-free, the answers of a group) ----
         rewards, kl = per_token_rewards(score, roll["logp"], roll["logp_ref"], action_mask, kl_coef)
-        advantages, returns = gae(rewards, roll["values"], action_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, action_mask)
+        advantages, returns = advantages_and_returns(rewards, roll["values"], action_mask, cfg)
+        critic = returns is not None
 
         # ---- 4. PPO epochs over shuffled mini-batches of the rollout ----
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "value_clip_frac": 0.0, "approx_kl": 0.0}
-        n_updates = 0
+        sums, n_updates = {}, 0
         for minibatches in epochs:
             for mb in minibatches:
                 mb_mask = action_mask[mb]
                 logp, _, values = policy_forward(model, tokens[mb], attention_mask[mb], mb_mask, cfg)
                 pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask,
                                                                 cfg.clip_eps)
-                vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][mb], returns[mb], mb_mask, cfg.clip_value)
+                metrics = {"policy_loss": pg_loss, "clip_frac": clip_frac, "approx_kl": approx_kl}
+                loss = pg_loss
+                if critic:
+                    vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][mb], returns[mb], mb_mask,
+                                                           cfg.clip_value)
+                    loss = loss + cfg.vf_coef * vf_loss
+                    metrics.update(value_loss=vf_loss, value_clip_frac=vf_clip_frac)
                 # a mean over the mini-batch's tokens on every rank: this rank's mean, weighted by its share
                 share = distributed.share_weight(mb_mask.sum())
-                loss = (pg_loss + cfg.vf_coef * vf_loss) * share
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share).backward()
                 distributed.sync_gradients(model)  # torchrun: the whole mini-batch's gradient on every rank
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 optimizer.step()
-                for key, value in zip(sums, (pg_loss, vf_loss, clip_frac, vf_clip_frac, approx_kl)):
-                    sums[key] += value.detach() * share
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach() * share
                 n_updates += 1
         train_time = time.time() - t1
 

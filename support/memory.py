@@ -111,13 +111,17 @@ def describe(stage, parts, device_bytes):
 
 
 def announce(stage, model_cfg, cfg, device):
-    """Print the estimate where the GPU's path runs (a CPU run takes its time, not its memory, to the limit)."""
+    """Print the estimate where the GPU's path runs (a CPU run takes its time, not its memory, to the limit).
+    Under torchrun each GPU holds its share of the batch (support/distributed.py)."""
     import os
+    from dataclasses import replace
 
     from kernels import gpu_path
+    from support.distributed import WORLD
 
     if not gpu_path(device):
         return
+    cfg = replace(cfg, **{f: getattr(cfg, f) // WORLD for f in ("batch_size", "minibatch_size") if hasattr(cfg, f)})
     if torch.device(device).type == "cuda":
         device_bytes = torch.cuda.get_device_properties(device).total_memory
     else:  # RLHF_CUDA_SHAPED=1 on a CPU: the machine's memory stands in for the GPU's

@@ -26,12 +26,30 @@ def load_checkpoints(cfg, device):
         if policy_ckpt["tokenizer"] != sft_ckpt["tokenizer"] or start_policy.config != sft_policy.config:
             raise DataError(f"{cfg.policy} is not a model of the same shape and tokenizer as {cfg.sft}; pass a policy "
                             "trained from it")
+    if cfg.reward == "gold":  # a verifiable reward: the task's judge itself, nothing learned to game
+        return sft_policy, start_policy, GoldJudge(tok), tok
     reward_ckpt = load_checkpoint(cfg.reward, "reward")
     if reward_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
         raise DataError(f"{cfg.reward} was trained with another tokenizer than {cfg.sft}; train the reward model "
                         "from this SFT model (train_reward.py --sft)")
     reward_model = model_from_checkpoint(reward_ckpt, cfg.attn_impl).to(device).eval().requires_grad_(False)
     return sft_policy, start_policy, reward_model, tok
+
+
+class GoldJudge:
+    """The built-in task's gold judge where a reward model would be (train_ppo.py --reward gold): called as the
+    reward model is, on a batch of prompt + answer token ids, it returns each answer's gold score (B,)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, tokens, attention_mask):
+        scores = []
+        for ids, mask in zip(tokens.tolist(), attention_mask.tolist()):
+            text = self.tok.decode([t for t, real in zip(ids, mask) if real and t != self.tok.eos_id])
+            cut = text.index("\n\nAssistant:") + len("\n\nAssistant:")  # the task's prompts end there
+            scores.append(task.gold_score(text[:cut], text[cut:]))
+        return torch.tensor(scores, device=tokens.device)
 
 
 def prompt_sets(cfg, tok):
@@ -92,7 +110,7 @@ def log_iteration(log, samples_log, progress, record, prompts, answers, scores, 
     gold = [task.gold_score(p, a) for p, a in zip(prompts, answers)] if cfg.data == "default" else None
     if gold is not None:  # under torchrun, the mean of the ranks' means (each holds as many answers)
         record["gold"] = distributed.mean_over_ranks(sum(gold) / len(gold))
-    check_finite(record["policy_loss"] + record["value_loss"], f"the PPO loss at iteration {record['step']}",
+    check_finite(record["policy_loss"] + record.get("value_loss", 0.0), f"the PPO loss at iteration {record['step']}",
                  "lower --lr and start again")
     log.write(record)
     progress.update(record["step"], reward=record["reward"], gold=record.get("gold", float("nan")), kl=record["kl"],

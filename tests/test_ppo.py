@@ -10,9 +10,10 @@ from conftest import crash_after_first_checkpoint
 import train_ppo
 from model import GPT, GPTConfig
 from support.checkpoint import load_checkpoint, policy_from_checkpoint
+from support.errors import UsageError
 from train_ppo import (
-    Config, action_logprobs, at_actions, exact_kl, gae, masked_whiten, per_token_rewards, ppo_policy_loss,
-    ppo_value_loss,
+    Config, action_logprobs, at_actions, exact_kl, gae, group_advantages, masked_whiten, per_token_rewards,
+    ppo_policy_loss, ppo_value_loss,
 )
 
 
@@ -82,6 +83,37 @@ def test_whitening_uses_only_the_answer_tokens():
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
     w = masked_whiten(x, mask)
     assert w[0, 0] == 0 and w[0, 1:].mean().abs() < 1e-6 and w[0, 1:].pow(2).mean().sqrt() == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.parametrize("method, expected", [
+    # two groups of 2 (returns 1, 3 and 0, 0), by hand: mean 2 and 0, unbiased std sqrt(2) and 0
+    ("grpo", [-1 / (2**0.5 + 1e-4), 1 / (2**0.5 + 1e-4), 0.0, 0.0]),
+    ("dr_grpo", [-1.0, 1.0, 0.0, 0.0]),
+    ("rloo", [1 - 3, 3 - 1, 0.0, 0.0]),  # each against the other answer
+    ("reinforce", [1 - 1, 3 - 1, 0 - 1, 0 - 1]),  # against the rollout's mean, 1
+])
+def test_group_advantages_equal_hand_computation_on_every_action(method, expected):
+    returns = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1]]).float()
+    advantages = group_advantages(returns, mask, 2, method)
+    torch.testing.assert_close(advantages, torch.tensor(expected)[:, None] * mask)  # zero off the answer
+
+
+def test_rloo_is_the_leave_one_out_mean_in_odd_groups():
+    returns = torch.tensor([0.0, 1.0, 5.0, 2.0, -1.0, 2.0])  # two groups of 3
+    rloo = group_advantages(returns, torch.ones(6, 1), 3, "rloo")[:, 0]
+    others = torch.tensor([(1 + 5) / 2, (0 + 5) / 2, (0 + 1) / 2, (-1 + 2) / 2, (2 + 2) / 2, (2 - 1) / 2])
+    torch.testing.assert_close(rloo, returns - others)
+    grpo = group_advantages(returns, torch.ones(6, 1), 3, "grpo")[:, 0]
+    assert grpo[:3].std().item() == pytest.approx(1.0, abs=1e-3)  # each group to std 1
+    assert grpo[:3].sum().item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+def test_a_group_of_one_answer_is_refused(method, tmp_path):
+    with pytest.raises(UsageError, match=f"--advantage {method} compares the answers to one prompt"):
+        train_ppo.check_config(Config(out_dir=str(tmp_path), advantage=method, samples_per_prompt=1,
+                                      minibatch_size=16))
 
 
 def test_action_logprobs_equal_log_softmax_shifted_by_one_column():
@@ -170,3 +202,46 @@ def test_resume_continues_exactly(sft_run, reward_dir, tmp_path, monkeypatch):
     resumed, _ = train_ppo.main(ppo_cfg(tmp_path / "b", sft_run, reward_dir, resume=True))
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_a_critic_free_run_raises_reward_without_a_value_loss(method, sft_run, reward_dir, tmp_path):
+    """The group is the baseline: the reward model's score rises as with PPO's value head, and no value loss
+    is computed or logged (the value head is left as it was)."""
+    cfg = ppo_cfg(tmp_path, sft_run, reward_dir, iterations=12, eval_interval=12, lr=3e-4, advantage=method,
+                  samples_per_prompt=4, prompts_per_iter=8)
+    model, _ = train_ppo.main(cfg)
+    log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in log if "eval_reward" in r]
+    assert evals[-1]["eval_reward"] > evals[0]["eval_reward"] + 0.1, evals
+    updates = [r for r in log if "policy_loss" in r]
+    assert not any(key in r for r in updates for key in ("value_loss", "value_clip_frac", "explained_variance"))
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in model.value_head.parameters())
+
+
+def test_the_gold_reward_is_the_judges_score_of_each_answer(sft_run, tmp_path):
+    """--reward gold: no reward model; each answer of a rollout is scored by the task's judge, called as a
+    reward model is (prompt + answer ids, left-padded, answers of any length)."""
+    from model import generate
+    from support import task
+    from support.data import Tokenizer, Truncation, decode_answers, encode_prompt
+    from support.ppo_run import GoldJudge
+
+    ckpt = load_checkpoint(sft_run / "ckpt.pt", "sft")
+    tok, policy = Tokenizer.from_state(ckpt["tokenizer"]), policy_from_checkpoint(ckpt)
+    prompts = task.make_prompts(12, "eval", 5)
+    tokens, attention_mask, answer_mask = generate(policy, [encode_prompt(tok, p, Truncation(96, 16)) for p in prompts], 16, tok.eos_id,
+                                                   seed=3)
+    expected = [task.gold_score(p, a) for p, a in zip(prompts, decode_answers(tok, tokens, answer_mask))]
+    assert GoldJudge(tok)(tokens, attention_mask).tolist() == expected
+    assert len(set(expected)) > 1  # answers the judge tells apart
+    with pytest.raises(UsageError, match="--reward gold needs --data default"):
+        train_ppo.check_config(Config(out_dir=str(tmp_path), reward="gold", data="prompts.jsonl"))
+
+
+def test_a_run_on_the_gold_reward_raises_gold(sft_run, tmp_path):
+    cfg = ppo_cfg(tmp_path, sft_run, tmp_path, reward="gold", iterations=12, eval_interval=12, lr=3e-4)
+    train_ppo.main(cfg)
+    evals = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval_reward" in r]
+    assert [r["eval_reward"] for r in evals] == [r["eval_gold"] for r in evals]  # the reward is the gold score
+    assert evals[-1]["eval_gold"] > evals[0]["eval_gold"] + 0.1, evals
