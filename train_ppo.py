@@ -56,6 +56,7 @@ from support.training import (
 )
 
 ADVANTAGES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce")  # group_advantages: the critic-free ones
+KL_ESTIMATORS = ("k1", "k2", "k3")  # kl_estimate
 
 
 @dataclass
@@ -82,6 +83,10 @@ class Config:
     adaptive_kl: bool = flag(False, "adapt kl_coef towards target_kl (Ziegler et al. 2019, section 2.2)")
     target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats", above=0)
     kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over", min=1)
+    kl_estimator: str = flag("k1", "the per-token KL estimate: k1 = logp - logp_ref (InstructGPT's), k2, k3; see "
+                             "kl_estimate", choices=KL_ESTIMATORS)
+    kl_in: str = flag("reward", "where the KL term goes: 'reward' (a per-token penalty, PPO's) or 'loss' (added to "
+                      "the policy loss, GRPO's)", choices=("reward", "loss"))
     eos_penalty: float = flag(1.0, "subtracted from the score of an answer that did not end with EOS", min=0)
     reward_scaling: bool = flag(False, "divide scores by their running standard deviation")
     whiten_advantages: bool = flag(True, "gae: normalise advantages to mean 0, std 1 over the rollout's answer "
@@ -170,6 +175,37 @@ def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
     rewards[torch.arange(len(score)), last_token_index(action_mask)] += score
     return rewards, kl
     # end exercise
+
+
+def kl_estimate(logp, logp_ref, estimator):
+    """Per-token estimates of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman, "Approximating KL
+    divergence", 2020), with log r = logp_ref - logp:
+
+        k1 = -log r             unbiased for the KL's value; often negative, noisy
+        k2 = (log r)^2 / 2      biased for the value (low variance, >= 0)
+        k3 = (r - 1) - log r    unbiased for the value, >= 0, low variance
+
+    In the reward only the value counts. In the loss (--kl_in loss) the gradient does, through logp on the
+    tokens the policy sampled: k1's is 0 in expectation (the mean of a score function), so k1 in the loss
+    does nothing; k2's is exactly the gradient of KL(pi || pi_ref); k3's is the gradient of the other KL,
+    KL(pi_ref || pi): a biased gradient for the penalty it is meant to be (GRPO uses it all the same)."""
+    log_r = logp_ref - logp
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    return torch.expm1(log_r) - log_r  # k3; expm1: r - 1 without cancellation when r is near 1
+
+
+def penalised_rewards(score, logp, logp_ref, action_mask, kl_coef, cfg):
+    """(rewards, the k1 estimate logged as kl), each (B, T): per_token_rewards with the KL term where
+    cfg.kl_in puts it, estimated by cfg.kl_estimator (k1 as per_token_rewards computes it)."""
+    in_reward = cfg.kl_in == "reward"
+    rewards, kl = per_token_rewards(score, logp, logp_ref, action_mask,
+                                    kl_coef if in_reward and cfg.kl_estimator == "k1" else 0.0)
+    if in_reward and cfg.kl_estimator != "k1":
+        rewards = rewards - kl_coef * kl_estimate(logp, logp_ref, cfg.kl_estimator) * action_mask
+    return rewards, kl
 
 
 def gae(rewards, values, action_mask, gamma, lam):
@@ -430,7 +466,7 @@ def main(cfg):
             score = score / score_std.std
 
         # ---- 3. per-token rewards with the KL penalty, then GAE (or, critic-free, the answers of a group) ----
-        rewards, kl = per_token_rewards(score, roll["logp"], roll["logp_ref"], action_mask, kl_coef)
+        rewards, kl = penalised_rewards(score, roll["logp"], roll["logp_ref"], action_mask, kl_coef, cfg)
         advantages, returns = advantages_and_returns(rewards, roll["values"], action_mask, cfg)
         critic = returns is not None
 
@@ -449,6 +485,10 @@ def main(cfg):
                                                            cfg.clip_value)
                     loss = loss + cfg.vf_coef * vf_loss
                     metrics.update(value_loss=vf_loss, value_clip_frac=vf_clip_frac)
+                if cfg.kl_in == "loss":  # the KL term with its gradient, against the rollout's logp_ref
+                    kl_loss = masked_mean(kl_estimate(logp, roll["logp_ref"][mb], cfg.kl_estimator), mb_mask)
+                    loss = loss + kl_coef * kl_loss
+                    metrics["kl_loss"] = kl_loss
                 # a mean over the mini-batch's tokens on every rank: this rank's mean, weighted by its share
                 share = distributed.share_weight(mb_mask.sum())
                 optimizer.zero_grad(set_to_none=True)

@@ -12,8 +12,8 @@ from model import GPT, GPTConfig
 from support.checkpoint import load_checkpoint, policy_from_checkpoint
 from support.errors import UsageError
 from train_ppo import (
-    Config, action_logprobs, at_actions, exact_kl, gae, group_advantages, masked_whiten, per_token_rewards,
-    ppo_policy_loss, ppo_value_loss,
+    Config, action_logprobs, at_actions, exact_kl, gae, group_advantages, kl_estimate, masked_whiten, penalised_rewards,
+    per_token_rewards, ppo_policy_loss, ppo_value_loss,
 )
 
 
@@ -116,6 +116,67 @@ def test_a_group_of_one_answer_is_refused(method, tmp_path):
                                       minibatch_size=16))
 
 
+def two_distributions():
+    """A policy and a reference over 6 tokens, far enough apart for the estimators' biases to show."""
+    theta = torch.tensor([1.5, -0.5, 0.3, 2.0, -1.0, 0.0], requires_grad=True)
+    ref_logits = torch.tensor([0.0, 1.0, -0.5, 0.5, 0.8, -1.5])
+    return theta, torch.log_softmax(ref_logits, 0)
+
+
+def test_kl_estimates_on_sampled_tokens_approach_the_exact_kl_k1_and_k3_unbiased():
+    theta, logp_ref = two_distributions()
+    logp = torch.log_softmax(theta.detach(), 0)
+    exact = (logp.exp() * (logp - logp_ref)).sum()
+    tokens = torch.multinomial(logp.exp(), 400_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    means = {k: kl_estimate(logp[tokens], logp_ref[tokens], k).mean() for k in ("k1", "k2", "k3")}
+    # the expectation of each, exactly, over the policy's distribution
+    expected = {k: (logp.exp() * kl_estimate(logp, logp_ref, k)).sum() for k in ("k1", "k2", "k3")}
+    for k in means:
+        assert means[k].item() == pytest.approx(expected[k].item(), abs=0.01), k
+    assert expected["k1"].item() == pytest.approx(exact.item(), rel=1e-5)
+    assert expected["k3"].item() == pytest.approx(exact.item(), rel=1e-5)
+    assert abs(expected["k2"].item() - exact.item()) > 0.05  # biased for the value
+    assert (kl_estimate(logp, logp_ref, "k3") >= 0).all() and (kl_estimate(logp, logp_ref, "k1") < 0).any()
+
+
+def test_kl_in_the_loss_k1_has_no_gradient_k2_the_kls_and_k3_the_reverse_kls():
+    """The expected gradient of each estimator as a loss term, on tokens sampled from the policy (gradient
+    through logp only, as the update takes it), against the analytic gradients of the two KLs."""
+    theta, logp_ref = two_distributions()
+
+    def expected_gradient(k):
+        logp = torch.log_softmax(theta, 0)
+        weights = logp.exp().detach()  # the sampling distribution: no gradient through it
+        (grad,) = torch.autograd.grad((weights * kl_estimate(logp, logp_ref, k)).sum(), theta)
+        return grad
+
+    def kl_gradient(forward):
+        logp = torch.log_softmax(theta, 0)
+        kl = (logp_ref.exp() * (logp_ref - logp)).sum() if forward else (logp.exp() * (logp - logp_ref)).sum()
+        (grad,) = torch.autograd.grad(kl, theta)
+        return grad
+
+    torch.testing.assert_close(expected_gradient("k1"), torch.zeros(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(expected_gradient("k2"), kl_gradient(forward=False))  # KL(pi || pi_ref)
+    torch.testing.assert_close(expected_gradient("k3"), kl_gradient(forward=True))  # KL(pi_ref || pi)
+    assert (kl_gradient(forward=True) - kl_gradient(forward=False)).abs().max() > 0.1
+
+
+def test_the_kl_term_goes_where_kl_in_says():
+    score = torch.tensor([1.0, -0.5])
+    logp = torch.tensor([[0.0, -1.0, -2.0, -0.5], [0.0, -0.3, -1.2, 0.0]])
+    logp_ref = torch.tensor([[0.0, -1.5, -1.0, -0.7], [0.0, -0.2, -2.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    k1 = (logp - logp_ref) * mask
+    for estimator in ("k1", "k2", "k3"):
+        rewards, kl = penalised_rewards(score, logp, logp_ref, mask, 0.2, Config(kl_estimator=estimator))
+        penalty = kl_estimate(logp, logp_ref, estimator) * mask
+        torch.testing.assert_close(rewards.sum(1), score - 0.2 * penalty.sum(1))
+        torch.testing.assert_close(kl, k1)  # what is logged as kl stays the k1 estimate
+    rewards, _ = penalised_rewards(score, logp, logp_ref, mask, 0.2, Config(kl_in="loss"))
+    assert torch.equal(rewards, per_token_rewards(score, logp, logp_ref, mask, 0.0)[0])  # the score alone
+
+
 def test_action_logprobs_equal_log_softmax_shifted_by_one_column():
     """On a left-padded prompt batch with answers of different lengths: the log-prob at action column t
     is log_softmax of the logits at column t-1, read at token t; zeros off the actions; entropy likewise."""
@@ -204,12 +265,13 @@ def test_resume_continues_exactly(sft_run, reward_dir, tmp_path, monkeypatch):
         assert torch.allclose(p, q, atol=1e-5), name
 
 
-@pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_a_critic_free_run_raises_reward_without_a_value_loss(method, sft_run, reward_dir, tmp_path):
+@pytest.mark.parametrize("method, estimator, kl_in", [("grpo", "k3", "loss"), ("rloo", "k1", "reward")])
+def test_a_critic_free_run_raises_reward_without_a_value_loss(method, estimator, kl_in, sft_run, reward_dir,
+                                                              tmp_path):
     """The group is the baseline: the reward model's score rises as with PPO's value head, and no value loss
-    is computed or logged (the value head is left as it was)."""
+    is computed or logged (the value head is left as it was). GRPO as its paper runs it: k3 in the loss."""
     cfg = ppo_cfg(tmp_path, sft_run, reward_dir, iterations=12, eval_interval=12, lr=3e-4, advantage=method,
-                  samples_per_prompt=4, prompts_per_iter=8)
+                  samples_per_prompt=4, prompts_per_iter=8, kl_estimator=estimator, kl_in=kl_in)
     model, _ = train_ppo.main(cfg)
     log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     evals = [r for r in log if "eval_reward" in r]
@@ -217,6 +279,8 @@ def test_a_critic_free_run_raises_reward_without_a_value_loss(method, sft_run, r
     updates = [r for r in log if "policy_loss" in r]
     assert not any(key in r for r in updates for key in ("value_loss", "value_clip_frac", "explained_variance"))
     assert all(torch.equal(p, torch.zeros_like(p)) for p in model.value_head.parameters())
+    assert all(("kl_loss" in r) == (kl_in == "loss") for r in updates)
+    assert updates[-1]["kl"] > 0  # the k1 estimate is logged wherever the KL term goes
 
 
 def test_the_gold_reward_is_the_judges_score_of_each_answer(sft_run, tmp_path):
@@ -230,8 +294,8 @@ def test_the_gold_reward_is_the_judges_score_of_each_answer(sft_run, tmp_path):
     ckpt = load_checkpoint(sft_run / "ckpt.pt", "sft")
     tok, policy = Tokenizer.from_state(ckpt["tokenizer"]), policy_from_checkpoint(ckpt)
     prompts = task.make_prompts(12, "eval", 5)
-    tokens, attention_mask, answer_mask = generate(policy, [encode_prompt(tok, p, Truncation(96, 16)) for p in prompts], 16, tok.eos_id,
-                                                   seed=3)
+    prompt_ids = [encode_prompt(tok, p, Truncation(96, 16)) for p in prompts]
+    tokens, attention_mask, answer_mask = generate(policy, prompt_ids, 16, tok.eos_id, seed=3)
     expected = [task.gold_score(p, a) for p, a in zip(prompts, decode_answers(tok, tokens, answer_mask))]
     assert GoldJudge(tok)(tokens, attention_mask).tolist() == expected
     assert len(set(expected)) > 1  # answers the judge tells apart
