@@ -306,6 +306,26 @@ def ppo_value_loss(values, values_old, returns, action_mask, clip_value):
     # end exercise
 
 
+def update_loss(logp, values, mb, roll, advantages, returns, mb_mask, kl_coef, cfg):
+    """One PPO update's loss on the mini-batch rows mb, and its metrics:
+
+        loss = policy loss  +  vf_coef * value loss (with a value head)  +  kl_coef * KL (--kl_in loss)
+
+    The KL term takes its gradient through logp, against the rollout's logp_ref (see kl_estimate)."""
+    pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask, cfg.clip_eps)
+    metrics = {"policy_loss": pg_loss, "clip_frac": clip_frac, "approx_kl": approx_kl}
+    loss = pg_loss
+    if returns is not None:  # a value head (gae)
+        vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][mb], returns[mb], mb_mask, cfg.clip_value)
+        loss = loss + cfg.vf_coef * vf_loss
+        metrics.update(value_loss=vf_loss, value_clip_frac=vf_clip_frac)
+    if cfg.kl_in == "loss":
+        kl_loss = masked_mean(kl_estimate(logp, roll["logp_ref"][mb], cfg.kl_estimator), mb_mask)
+        loss = loss + kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss
+    return loss, metrics
+
+
 class AdaptiveKLController:
     """Ziegler et al. 2019, section 2.2: kl_coef *= 1 + e * n / horizon, with the proportional error
     e = KL / target - 1 clipped to [-0.2, 0.2]: raised when the KL is above target, lowered when below,
@@ -468,7 +488,6 @@ def main(cfg):
         # ---- 3. per-token rewards with the KL penalty, then GAE (or, critic-free, the answers of a group) ----
         rewards, kl = penalised_rewards(score, roll["logp"], roll["logp_ref"], action_mask, kl_coef, cfg)
         advantages, returns = advantages_and_returns(rewards, roll["values"], action_mask, cfg)
-        critic = returns is not None
 
         # ---- 4. PPO epochs over shuffled mini-batches of the rollout ----
         sums, n_updates = {}, 0
@@ -476,19 +495,7 @@ def main(cfg):
             for mb in minibatches:
                 mb_mask = action_mask[mb]
                 logp, _, values = policy_forward(model, tokens[mb], attention_mask[mb], mb_mask, cfg)
-                pg_loss, clip_frac, approx_kl = ppo_policy_loss(logp, roll["logp"][mb], advantages[mb], mb_mask,
-                                                                cfg.clip_eps)
-                metrics = {"policy_loss": pg_loss, "clip_frac": clip_frac, "approx_kl": approx_kl}
-                loss = pg_loss
-                if critic:
-                    vf_loss, vf_clip_frac = ppo_value_loss(values, roll["values"][mb], returns[mb], mb_mask,
-                                                           cfg.clip_value)
-                    loss = loss + cfg.vf_coef * vf_loss
-                    metrics.update(value_loss=vf_loss, value_clip_frac=vf_clip_frac)
-                if cfg.kl_in == "loss":  # the KL term with its gradient, against the rollout's logp_ref
-                    kl_loss = masked_mean(kl_estimate(logp, roll["logp_ref"][mb], cfg.kl_estimator), mb_mask)
-                    loss = loss + kl_coef * kl_loss
-                    metrics["kl_loss"] = kl_loss
+                loss, metrics = update_loss(logp, values, mb, roll, advantages, returns, mb_mask, kl_coef, cfg)
                 # a mean over the mini-batch's tokens on every rank: this rank's mean, weighted by its share
                 share = distributed.share_weight(mb_mask.sum())
                 optimizer.zero_grad(set_to_none=True)

@@ -283,20 +283,19 @@ def test_a_critic_free_run_raises_reward_without_a_value_loss(method, estimator,
     assert updates[-1]["kl"] > 0  # the k1 estimate is logged wherever the KL term goes
 
 
-def test_the_gold_reward_is_the_judges_score_of_each_answer(sft_run, tmp_path):
+def test_the_gold_reward_is_the_judges_score_of_each_answer(tmp_path):
     """--reward gold: no reward model; each answer of a rollout is scored by the task's judge, called as a
-    reward model is (prompt + answer ids, left-padded, answers of any length)."""
-    from model import generate
+    reward model is (prompt + answer ids, left-padded, each answer ending with EOS)."""
     from support import task
-    from support.data import Tokenizer, Truncation, decode_answers, encode_prompt
+    from support.data import Tokenizer, pad_batch
     from support.ppo_run import GoldJudge
 
-    ckpt = load_checkpoint(sft_run / "ckpt.pt", "sft")
-    tok, policy = Tokenizer.from_state(ckpt["tokenizer"]), policy_from_checkpoint(ckpt)
-    prompts = task.make_prompts(12, "eval", 5)
-    prompt_ids = [encode_prompt(tok, p, Truncation(96, 16)) for p in prompts]
-    tokens, attention_mask, answer_mask = generate(policy, prompt_ids, 16, tok.eos_id, seed=3)
-    expected = [task.gold_score(p, a) for p, a in zip(prompts, decode_answers(tok, tokens, answer_mask))]
+    tok = Tokenizer.for_texts(task.vocabulary_texts())
+    rows = task.demonstrations(8, "eval", 1)  # the demonstrator's answers, of mixed quality
+    rows[0]["response"] = " purple purple purple"
+    sequences = [tok.encode(r["prompt"]) + tok.encode(r["response"]) + [tok.eos_id] for r in rows]
+    tokens, attention_mask = pad_batch(sequences, tok.eos_id, side="left")
+    expected = [task.gold_score(r["prompt"], r["response"]) for r in rows]
     assert GoldJudge(tok)(tokens, attention_mask).tolist() == expected
     assert len(set(expected)) > 1  # answers the judge tells apart
     with pytest.raises(UsageError, match="--reward gold needs --data default"):
