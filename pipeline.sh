@@ -11,6 +11,8 @@
 #   OMP_NUM_THREADS=1 bash pipeline.sh     # one thread per process (the two PPO runs go side by side)
 #   SIDE_BY_SIDE=0 bash pipeline.sh        # the two PPO runs one after the other (e.g. a small GPU)
 #   NPROC=2 bash pipeline.sh               # every stage under torchrun with 2 processes (GPUs, or CPU cores)
+#   METHODS="grpo rloo dpo" bash pipeline.sh   # beside PPO, from the same SFT model and comparisons (below;
+#                                              # DPO_FLAGS for train_dpo.py)
 #
 # Rounds (InstructGPT, Llama 2): round 1 is the pipeline above. In round r >= 2 the simulated labellers
 # rank answers of round r-1's policies (in round 2 also the unleashed one's: its hacks get labelled),
@@ -24,6 +26,10 @@
 # alone with as many threads. SIDE_BY_SIDE=0: one after the other, with the threads of the other stages.
 # With NPROC > 1 each stage takes all NPROC processes, and the two run one after the other.
 #
+# METHODS: after round 1's PPO, other methods from the same SFT model, each into $OUT/<method>: a critic-free
+# advantage of train_ppo.py (grpo, dr_grpo, rloo: 16 prompts x 4 answers, the rollout's size; reinforce), each
+# also without its KL term ($OUT/<method>_nokl), or dpo (train_dpo.py on the reward model's comparisons).
+#
 # Each stage's wall time is appended to $OUT/times.txt, and at the end the whole command's.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,6 +39,7 @@ ROUNDS=${ROUNDS:-1}
 RESUME=${RESUME:-0}
 SIDE_BY_SIDE=${SIDE_BY_SIDE:-auto}
 NPROC=${NPROC:-1}
+METHODS=${METHODS:-}
 usage() { echo "pipeline.sh: $1" >&2; exit 2; }
 # every variable checked before the run folder is touched: a bad one must not cost a finished stage
 [[ $SEED =~ ^[0-9]{1,9}$ ]] || usage "SEED=$SEED: give a whole number from 0 to 999999999"
@@ -40,11 +47,15 @@ usage() { echo "pipeline.sh: $1" >&2; exit 2; }
 [[ $RESUME =~ ^[01]$ ]] || usage "RESUME=$RESUME: use 1 (keep the finished stages) or 0"
 [[ $SIDE_BY_SIDE =~ ^(auto|0)$ ]] || usage "SIDE_BY_SIDE=$SIDE_BY_SIDE: use auto (when the cores allow) or 0 (never)"
 [[ $NPROC =~ ^[1-9][0-9]*$ ]] || usage "NPROC=$NPROC: give the number of processes per stage, 1 or more"
+for method in $METHODS; do
+    [[ $method =~ ^(grpo|dr_grpo|rloo|reinforce|dpo)$ ]] || usage "METHODS: $method is not grpo, dr_grpo, rloo, reinforce or dpo"
+done
 train=(python)  # how a training stage starts: one process, or NPROC under torchrun (support/distributed.py)
 [ "$NPROC" = 1 ] || train=(python -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
 read -r -a sft_flags <<< "${SFT_FLAGS:-}"
 read -r -a reward_flags <<< "${REWARD_FLAGS:-}"
 read -r -a ppo_flags <<< "${PPO_FLAGS:-}"
+read -r -a dpo_flags <<< "${DPO_FLAGS:-}"
 mkdir -p "$OUT"
 [ "$RESUME" = 1 ] || : > "$OUT/times.txt"
 
@@ -109,6 +120,22 @@ else
     stage "$OUT/ppo" "${ppo[@]}"
     stage "$OUT/ppo_nokl" "${nokl[@]}"
 fi
+
+for method in $METHODS; do  # beside PPO: the same SFT model and reward model (or its comparisons)
+    if [ "$method" = dpo ]; then
+        stage "$OUT/dpo" "${train[@]}" train_dpo.py --sft "$sft" --data "$OUT/reward/comparisons.jsonl" \
+            --out_dir "$OUT/dpo" --seed "$SEED" "${dpo_flags[@]}" "$@"
+        continue
+    fi
+    group=()  # the group baselines compare 4 answers to a prompt: 16 prompts x 4, the rollout's 64 answers
+    [ "$method" = reinforce ] || group=(--samples_per_prompt 4 --prompts_per_iter 16)
+    for name in "$method" "${method}_nokl"; do
+        kl=()
+        [ "$name" = "$method" ] || kl=(--kl_coef 0)
+        stage "$OUT/$name" "${train[@]}" train_ppo.py --sft "$sft" --reward "$OUT/reward/ckpt.pt" \
+            --out_dir "$OUT/$name" --advantage "$method" "${group[@]}" "${kl[@]}" --seed "$SEED" "${ppo_flags[@]}" "$@"
+    done
+done
 
 policies=$OUT/ppo/ckpt.pt,$OUT/ppo_nokl/ckpt.pt  # whose answers round 2's labellers rank
 comparisons=$OUT/reward/comparisons.jsonl        # every round's comparisons so far

@@ -186,6 +186,7 @@ def test_a_stage_that_refuses_its_input_is_not_offered_resume(tmp_path):
     ("RESUME", "yes", "RESUME=yes: use 1"),
     ("SIDE_BY_SIDE", "1", "SIDE_BY_SIDE=1: use auto"),
     ("NPROC", "0", "NPROC=0: give the number of processes per stage, 1 or more"),
+    ("METHODS", "grpo ddpg", "METHODS: ddpg is not grpo, dr_grpo, rloo, reinforce or dpo"),
 ])
 def test_a_bad_variable_is_one_line_before_the_run_folder_is_touched(tmp_path, variable, value, message):
     out = tmp_path / "out"  # a finished run: its stage times and a finished stage's marker must survive
@@ -197,3 +198,20 @@ def test_a_bad_variable_is_one_line_before_the_run_folder_is_touched(tmp_path, v
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("pipeline.sh: ") and message in proc.stderr and proc.stderr.count("\n") == 1
     assert (out / "times.txt").read_text() == "sft 245 s\n" and (out / "sft" / "done").exists()
+
+
+def test_methods_run_beside_ppo_from_the_same_models(tmp_path):
+    """METHODS="grpo dpo": GRPO with and without its KL term from the same SFT and reward model as PPO, 4
+    answers a prompt, and DPO on the reward model's comparisons, each in its own folder."""
+    out = tmp_path / "out"
+    code, log = pipeline(out, ROUNDS="1", METHODS="grpo dpo",
+                         DPO_FLAGS="--max_iters 4 --eval_interval 4 --n_eval 8 --k 2 --eval_prompts 8 --batch_size 4")
+    assert code == 0, log[-3000:]
+    for kl, folder in ((0.2, "grpo"), (0.0, "grpo_nokl")):  # the default kl_coef, and none
+        args = load_checkpoint(out / folder / "ckpt.pt", "ppo")["train_args"]
+        assert args["advantage"] == "grpo" and args["samples_per_prompt"] == 4 and args["kl_coef"] == kl
+        assert args["sft"] == f"{out}/sft/ckpt.pt" and args["reward"] == f"{out}/reward/ckpt.pt"
+    dpo = load_checkpoint(out / "dpo" / "ckpt.pt", "sft")
+    assert dpo["extra"]["method"] == "dpo" and dpo["train_args"]["data"] == f"{out}/reward/comparisons.jsonl"
+    times = (out / "times.txt").read_text()
+    assert all(f"{name} " in times for name in ("grpo", "grpo_nokl", "dpo"))
