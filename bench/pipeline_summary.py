@@ -34,7 +34,7 @@ def run_numbers(run):
     times = {}
     if (run / "times.txt").exists():
         for line in (run / "times.txt").read_text().splitlines():
-            name, seconds, _ = line.split()
+            name, seconds, *_ = line.split()  # "pipeline N s (resumed)" too
             times[name] = int(seconds)
     gold_sft = first(ppo, "eval_gold")  # the SFT policy, evaluated by PPO's own held-out eval
     return {
