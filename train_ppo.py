@@ -28,7 +28,7 @@ reward scaling, value clipping, PPO epochs over mini-batches, gradient clipping,
 coefficient, and log-probs recomputed with the very numerics of training.
 
 Beyond PPO's recipe, two switches: --advantage grpo (or dr_grpo, rloo, reinforce) drops the value head
-and takes the other answers sampled for the same prompt as the baseline (group_advantages), and
+and takes the other answers sampled for the same prompt as the baseline, and
 --reward gold puts the task's own judge where the reward model was: a verifiable reward.
 
     python train_ppo.py                                  # built-in task, from out/sft and out/reward, CPU
@@ -47,6 +47,7 @@ from kernels.logprob import IMPLS as LOGPROB_IMPLS
 from kernels.logprob import linear_logprobs
 from model import PolicyWithValue, generate, last_token_index
 from support import distributed, memory
+from support.beyond_ppo import group_advantages, kl_estimate
 from support.checkpoint import save_checkpoint
 from support.data import decode_answers
 from support.ppo_run import evaluate, load_checkpoints, log_iteration, prompt_sets, resume
@@ -84,7 +85,7 @@ class Config:
     target_kl: float = flag(2.0, "adaptive_kl: wanted KL to the reference per answer, in nats", above=0)
     kl_horizon: int = flag(2000, "adaptive_kl: how many answers the controller averages over", min=1)
     kl_estimator: str = flag("k1", "the per-token KL estimate: k1 = logp - logp_ref (InstructGPT's), k2, k3; see "
-                             "kl_estimate", choices=KL_ESTIMATORS)
+                             "support/beyond_ppo.py", choices=KL_ESTIMATORS)
     kl_in: str = flag("reward", "where the KL term goes: 'reward' (a per-token penalty, PPO's) or 'loss' (added to "
                       "the policy loss, GRPO's)", choices=("reward", "loss"))
     eos_penalty: float = flag(1.0, "subtracted from the score of an answer that did not end with EOS", min=0)
@@ -95,7 +96,7 @@ class Config:
     lam: float = flag(0.95, "GAE lambda: 1 Monte Carlo (high variance), 0 one-step TD (high bias)", min=0, max=1)
     advantage: str = flag("gae", "the advantages: 'gae' (the value head's, PPO's), or critic-free with the other "
                           "answers as the baseline: 'grpo', 'dr_grpo', 'rloo' (the prompt's samples_per_prompt "
-                          "answers), 'reinforce' (the whole rollout); see group_advantages", choices=ADVANTAGES)
+                          "answers), 'reinforce' (the whole rollout); see support/beyond_ppo.py", choices=ADVANTAGES)
     ppo_epochs: int = flag(2, "passes over each rollout", min=1)
     minibatch_size: int = flag(32, "answers per PPO update", min=1)
     clip_eps: float = flag(0.2, "policy ratio clip range", above=0, below=1)
@@ -177,26 +178,6 @@ def per_token_rewards(score, logp, logp_ref, action_mask, kl_coef):
     # end exercise
 
 
-def kl_estimate(logp, logp_ref, estimator):
-    """Per-token estimates of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman, "Approximating KL
-    divergence", 2020), with log r = logp_ref - logp:
-
-        k1 = -log r             unbiased for the KL's value; often negative, noisy
-        k2 = (log r)^2 / 2      biased for the value (low variance, >= 0)
-        k3 = (r - 1) - log r    unbiased for the value, >= 0, low variance
-
-    In the reward only the value counts. In the loss (--kl_in loss) the gradient does, through logp on the
-    tokens the policy sampled: k1's is 0 in expectation (the mean of a score function), so k1 in the loss
-    does nothing; k2's is exactly the gradient of KL(pi || pi_ref); k3's is the gradient of the other KL,
-    KL(pi_ref || pi): a biased gradient for the penalty it is meant to be (GRPO uses it all the same)."""
-    log_r = logp_ref - logp
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k2":
-        return 0.5 * log_r**2
-    return torch.expm1(log_r) - log_r  # k3; expm1: r - 1 without cancellation when r is near 1
-
-
 def penalised_rewards(score, logp, logp_ref, action_mask, kl_coef, cfg):
     """(rewards, the k1 estimate logged as kl), each (B, T): per_token_rewards with the KL term where
     cfg.kl_in puts it, estimated by cfg.kl_estimator (k1 as per_token_rewards computes it)."""
@@ -225,32 +206,6 @@ def gae(rewards, values, action_mask, gamma, lam):
     returns = (advantages + values) * action_mask
     return advantages, returns
     # end exercise
-
-
-def group_advantages(returns, action_mask, group_size, method):
-    """Critic-free advantages (B, T): each answer's whole return R (its score minus its KL penalties) against
-    a baseline made of other answers instead of a value head, on every one of its actions. The rollout's rows
-    come in groups of group_size answers to one prompt.
-
-        grpo       A = (R - mean) / std over the group       (Shao et al. 2024, DeepSeekMath)
-        dr_grpo    A = R - mean over the group               (Liu et al. 2025: the std favours groups of equals)
-        rloo       A = R - mean of the group's other answers (Ahmadian et al. 2024) = K/(K-1) (R - mean)
-        reinforce  A = R - mean over the whole rollout       (Williams 1992, with a baseline)
-
-    The policy loss is a mean over the mini-batch's tokens, not over each answer's, so Dr. GRPO's other change
-    (no 1/length per answer) holds for every method here."""
-    if method == "reinforce":
-        advantage = returns - distributed.masked_mean(returns, torch.ones_like(returns))  # every rank's rollout
-    else:
-        r = returns.view(-1, group_size)  # (prompts, K)
-        centred = r - r.mean(dim=1, keepdim=True)
-        if method == "grpo":
-            advantage = centred / (r.std(dim=1, keepdim=True) + 1e-4)  # a group of equal returns teaches nothing
-        elif method == "dr_grpo":
-            advantage = centred
-        else:  # rloo
-            advantage = centred * group_size / (group_size - 1)
-    return advantage.reshape(-1, 1) * action_mask
 
 
 def advantages_and_returns(rewards, values, action_mask, cfg):

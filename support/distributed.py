@@ -93,10 +93,12 @@ def sync_gradients(model, bucket_bytes=25 * 2**20):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-    while grads:
-        bucket = [grads.pop(0)]
-        while grads and sum(g.nbytes for g in bucket) + grads[0].nbytes <= bucket_bytes:
-            bucket.append(grads.pop(0))
+    buckets = [[]]
+    for g in grads:
+        if buckets[-1] and sum(x.nbytes for x in buckets[-1]) + g.nbytes > bucket_bytes:
+            buckets.append([])
+        buckets[-1].append(g)
+    for bucket in buckets:
         flat = torch.cat([g.flatten() for g in bucket])
         dist.all_reduce(flat)
         for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
