@@ -339,16 +339,19 @@ class PolicyWithValue(nn.Module):
     """Stage 4: the policy (a GPT with its LM head) and a value head beside the LM head, on the same
     hidden states. The value at position t estimates the return after the token at t."""
 
-    def __init__(self, config):
+    def __init__(self, config, value_head=True):
         super().__init__()
         self.config = config
         self.policy = GPT(config)
-        self.value_head = ScalarHead(config.n_embd)
+        # critic-free methods (train_ppo.py --advantage grpo, rloo, ...) take their baseline from other answers
+        self.value_head = ScalarHead(config.n_embd) if value_head else None
 
     def forward(self, idx, attention_mask):
         """(hidden (B, T, C), values (B, T)): the caller turns hidden into log-probs with lm_head or the
-        fused kernel, so the full (B, T, V) logits need not exist."""
+        fused kernel, so the full (B, T, V) logits need not exist. Without a value head the values are 0."""
         hidden = self.policy.transformer(idx, attention_mask)  # (B, T, C)
+        if self.value_head is None:
+            return hidden, hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
         return hidden, self.value_head(hidden)  # (B, T, C), (B, T)
 
 

@@ -221,6 +221,10 @@ def main(cfg):
     policy = policy_from_checkpoint(sft_ckpt, cfg.attn_impl).to(device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     cfg = fit_lengths(cfg, policy.config.block_size)
+    optimizer = adamw(policy, cfg.lr, cfg.weight_decay)
+    start_iter = resume(ckpt_path, policy, optimizer) if cfg.resume else 0
+    # opened before the reference's log-probs: its clock (wall_s) counts them, a cost of DPO's
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
 
     # ---- 2. comparisons, and the reference's log-probs of every answer, once ----
     train_groups, eval_groups = load_data(cfg, tok, ref, device)
@@ -229,9 +233,6 @@ def main(cfg):
 
     # ---- 3. train: the Bradley-Terry loss on the implicit rewards ----
     policy.train()
-    optimizer = adamw(policy, cfg.lr, cfg.weight_decay)
-    start_iter = resume(ckpt_path, policy, optimizer) if cfg.resume else 0
-    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
     if start_iter == 0:
         metrics = evaluate(policy, eval_groups, tok, cfg, device)
         log.write({"step": 0, **metrics})

@@ -393,7 +393,8 @@ def main(cfg):
     # ---- the models: the policy with a value head (trained), the reference and the reward model (frozen) ----
     sft_policy, start_policy, reward_model, tok = load_checkpoints(cfg, device)
     ref = copy.deepcopy(sft_policy).to(device).eval().requires_grad_(False)  # pi_ref: a frozen copy of the SFT model
-    model = PolicyWithValue(sft_policy.config)  # the value head starts afresh (a policy of an earlier round has none)
+    # the value head starts afresh (a policy of an earlier round has none); critic-free advantages need none
+    model = PolicyWithValue(sft_policy.config, value_head=cfg.advantage == "gae")
     model.policy.load_state_dict(start_policy.state_dict())
     # eval(): PPO's ratio compares the log-probs of the sampling policy and the updated one, and train-time
     # noise (dropout, were a model to have it) would count as a change of the policy

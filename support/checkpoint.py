@@ -81,7 +81,10 @@ def model_from_checkpoint(ckpt, attn_impl=None):
     if attn_impl is not None:
         config.attn_impl = attn_impl
     try:
-        model = STAGE_MODELS[ckpt["stage"]](config)
+        if ckpt["stage"] == "ppo":  # a critic-free run's policy has no value head
+            model = PolicyWithValue(config, value_head=any(k.startswith("value_head.") for k in ckpt["model"]))
+        else:
+            model = STAGE_MODELS[ckpt["stage"]](config)
     except ValueError as e:  # e.g. attn_impl triton for a head size the kernel does not take
         raise LoadError(str(e)) from None
     model.load_state_dict(ckpt["model"])

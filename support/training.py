@@ -186,10 +186,11 @@ def batch_indices(k, n, batch_size, seed):
 
 class MetricsLog:
     """Metrics appended as one JSON object per line: what the notebooks plot. On resume, the lines written
-    after the checkpoint's step are dropped so that the log reads as one uninterrupted run."""
+    after the checkpoint's step are dropped so that the log reads as one uninterrupted run. Each line also
+    says when: wall_s, the seconds since the log was opened (plus, on resume, the kept lines' last wall_s)."""
 
     def __init__(self, path, resume_step=None):
-        self.path = Path(path)
+        self.path, self.t0 = Path(path), time.time()
         if not is_main():  # rank 0 writes the log (support/distributed.py)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,13 +199,14 @@ class MetricsLog:
         elif self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= resume_step]
+            self.t0 -= json.loads(keep[-1]).get("wall_s", 0.0) if keep else 0.0  # the time the kept lines took
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record):
         if not is_main():
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "wall_s": round(time.time() - self.t0, 2)}) + "\n")
 
 
 def read_metrics(path):

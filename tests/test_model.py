@@ -349,16 +349,19 @@ def test_tiny_preset_uses_exact_gelu_and_older_checkpoints_keep_tanh(tmp_path):
         assert not torch.allclose(model(idx), tanh_model(idx))  # same weights, the other GELU
 
 
-def test_ppo_checkpoint_gives_back_its_policy(tmp_path):
+@pytest.mark.parametrize("value_head", [True, False])  # False: a critic-free run's (train_ppo.py --advantage)
+def test_ppo_checkpoint_gives_back_its_policy(value_head, tmp_path):
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=32)
-    pv = PolicyWithValue(cfg)
+    pv = PolicyWithValue(cfg, value_head=value_head)
     save_checkpoint(tmp_path / "ppo.pt", pv, "ppo", 1, {}, {"bpe": "gpt2", "table": None})
     ckpt = load_checkpoint(tmp_path / "ppo.pt", ("sft", "ppo"))
-    assert isinstance(model_from_checkpoint(ckpt), PolicyWithValue)
-    policy = policy_from_checkpoint(ckpt)
+    again = model_from_checkpoint(ckpt)
+    assert isinstance(again, PolicyWithValue) and (again.value_head is not None) == value_head
     idx = torch.randint(0, 50, (1, 6))
-    assert torch.equal(policy(idx), pv.policy(idx))
+    with torch.no_grad():
+        assert torch.equal(again(idx, torch.ones_like(idx))[1], pv(idx, torch.ones_like(idx))[1])
+        assert torch.equal(policy_from_checkpoint(ckpt)(idx), pv.policy(idx))
 
 
 def test_sampling_follows_the_softmax_and_its_filters():

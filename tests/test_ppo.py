@@ -268,8 +268,9 @@ def test_resume_continues_exactly(sft_run, reward_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method, estimator, kl_in", [("grpo", "k3", "loss"), ("rloo", "k1", "reward")])
 def test_a_critic_free_run_raises_reward_without_a_value_loss(method, estimator, kl_in, sft_run, reward_dir,
                                                               tmp_path):
-    """The group is the baseline: the reward model's score rises as with PPO's value head, and no value loss
-    is computed or logged (the value head is left as it was). GRPO as its paper runs it: k3 in the loss."""
+    """The group is the baseline: the reward model's score rises as with PPO's value head, no value head is
+    built (none in the checkpoint) and no value loss is computed or logged. GRPO as its paper runs it: k3 in
+    the loss."""
     cfg = ppo_cfg(tmp_path, sft_run, reward_dir, iterations=12, eval_interval=12, lr=3e-4, advantage=method,
                   samples_per_prompt=4, prompts_per_iter=8, kl_estimator=estimator, kl_in=kl_in)
     model, _ = train_ppo.main(cfg)
@@ -278,7 +279,8 @@ def test_a_critic_free_run_raises_reward_without_a_value_loss(method, estimator,
     assert evals[-1]["eval_reward"] > evals[0]["eval_reward"] + 0.1, evals
     updates = [r for r in log if "policy_loss" in r]
     assert not any(key in r for r in updates for key in ("value_loss", "value_clip_frac", "explained_variance"))
-    assert all(torch.equal(p, torch.zeros_like(p)) for p in model.value_head.parameters())
+    assert model.value_head is None
+    assert not any(name.startswith("value_head.") for name in torch.load(tmp_path / "ckpt.pt")["model"])
     assert all(("kl_loss" in r) == (kl_in == "loss") for r in updates)
     assert updates[-1]["kl"] > 0  # the k1 estimate is logged wherever the KL term goes
 

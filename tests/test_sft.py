@@ -95,6 +95,25 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
     assert steps == sorted(set(steps))  # the log reads as one run, no step twice
 
 
+def test_the_log_says_when_and_a_resumed_log_goes_on_from_its_last_kept_time(tmp_path, monkeypatch):
+    """wall_s, what the figures of gold over time plot: seconds since the log was opened; on resume the lines
+    after the checkpoint go and the clock goes on from the last line kept, not from 0 nor from the lost ones."""
+    from support import training
+
+    now = [100.0]
+    monkeypatch.setattr(training.time, "time", lambda: now[0])
+    log = training.MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        now[0] += 10
+        log.write({"step": step})
+    assert [r["wall_s"] for r in read_log(tmp_path / "metrics.jsonl")] == [10, 20, 30]
+    now[0] = 500.0  # stopped after step 3, resumed from the checkpoint of step 2
+    log = training.MetricsLog(tmp_path / "metrics.jsonl", resume_step=2)
+    now[0] += 5
+    log.write({"step": 3})
+    assert [(r["step"], r["wall_s"]) for r in read_log(tmp_path / "metrics.jsonl")] == [(1, 10), (2, 20), (3, 25)]
+
+
 def test_resume_without_checkpoint_and_wrong_stage_are_one_line_errors(tmp_path):
     with pytest.raises(LoadError, match="no such checkpoint"):
         train_sft.main(small_cfg(tmp_path, resume=True))
