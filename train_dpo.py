@@ -87,8 +87,10 @@ class Config:
 def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
     """(-log sigmoid(reward_w - reward_l) per pair, reward_w, reward_l), with the implicit rewards
     reward = beta * (logp - logp_ref) of the preferred (w) and the other (l) answer."""
+    # exercise dpo_loss: the implicit rewards, then Bradley-Terry on them (docstring); check: equal rewards: log 2
     reward_w, reward_l = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
     return -F.logsigmoid(reward_w - reward_l), reward_w, reward_l
+    # end exercise
 
 
 def pairs(groups):
@@ -165,10 +167,11 @@ def step_loss(policy, groups, tok, cfg, device):
 
 
 @torch.no_grad()
-def evaluate(policy, eval_groups, tok, cfg, device):
+def evaluate(policy, ref, eval_groups, tok, cfg, device):
     """Held-out loss, the implicit reward's accuracy on the labels and, with gold scores, how often it orders a
     pair as the judge does (on pairs the judge does not tie); on the built-in task, the gold score of answers
-    to PPO's held-out prompts, sampled with PPO's seeds (so step 0 is PPO's iteration 0)."""
+    to PPO's held-out prompts, sampled with PPO's seeds (so step 0 is PPO's iteration 0), their length and
+    their KL to the reference (logp - logp_ref summed over each answer, as PPO's kl)."""
     policy.eval()
     losses, r_w, r_l = [], [], []
     for start in range(0, len(eval_groups), cfg.batch_size):
@@ -191,6 +194,12 @@ def evaluate(policy, eval_groups, tok, cfg, device):
         answers = sample_answers(policy, ids, cfg.max_new_tokens, tok.eos_id, 1.0, seed=cfg.seed + 7, batch_size=128)
         metrics["eval_gold"] = sum(task.gold_score(p, tok.decode_answer(a)) for p, a in zip(prompts, answers)) / len(
             prompts)
+        groups = [{"prompt": p, "answers": [a]} for p, a in zip(ids, answers)]
+        kl = [answer_logprobs(policy, groups[i : i + 128], tok.eos_id, device, cfg.logprob_impl)
+              - answer_logprobs(ref, groups[i : i + 128], tok.eos_id, device, cfg.logprob_impl)
+              for i in range(0, len(groups), 128)]
+        metrics["eval_kl"] = torch.cat(kl).mean().item()
+        metrics["eval_answer_length"] = sum(map(len, answers)) / len(answers)
     policy.train()
     return metrics
 
@@ -234,7 +243,7 @@ def main(cfg):
     # ---- 3. train: the Bradley-Terry loss on the implicit rewards ----
     policy.train()
     if start_iter == 0:
-        metrics = evaluate(policy, eval_groups, tok, cfg, device)
+        metrics = evaluate(policy, ref, eval_groups, tok, cfg, device)
         log.write({"step": 0, **metrics})
         print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     progress, t0 = Progress("dpo", cfg.max_iters, start_iter), time.time()
@@ -258,7 +267,7 @@ def main(cfg):
             log.write(record)
             progress.update(step, loss=record["loss"], acc=record["accuracy"])
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            metrics = evaluate(policy, eval_groups, tok, cfg, device)
+            metrics = evaluate(policy, ref, eval_groups, tok, cfg, device)
             log.write({"step": step, **metrics})
             save_checkpoint(ckpt_path, policy, "sft", step, asdict(cfg), tok.state(), optimizer,
                             extra={"metrics": metrics, "sft": cfg.sft, "method": "dpo"})

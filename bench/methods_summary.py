@@ -1,7 +1,8 @@
 """PPO beside the other methods of `METHODS="grpo rloo dpo" bash pipeline.sh`, one or more runs (one per seed),
 from their logs only: each method's held-out gold gain over the SFT policy (PPO's own iteration-0 eval: the
-same prompts and sampling seeds for every method), wall time, KL to the reference, answer length and
-reward-model score, as a markdown table of mean [min, max] over the runs.
+same prompts and sampling seeds for every method), wall time (the stage's own, as its log's last line says:
+from opening the log, after the models are loaded, to the last evaluation), KL to the reference, answer
+length and reward-model score, as a markdown table of mean [min, max] over the runs.
 
     for s in 1337 1 2; do METHODS="grpo rloo dpo" SEED=$s OUT=runs/methods/seed$s bash pipeline.sh; done
     python bench/methods_summary.py runs/methods/seed1337 runs/methods/seed1 runs/methods/seed2
@@ -28,18 +29,16 @@ def last(log, key):
 def run_numbers(run):
     """{method: {measure: value}} of one run folder."""
     run = Path(run)
-    times = {}
-    for line in (run / "times.txt").read_text().splitlines():
-        name, seconds, *_ = line.split()
-        times[name] = int(seconds)
     sft_gold = read_log(run / "ppo" / "metrics.jsonl")[0]["eval_gold"]
     out = {}
     for method in METHODS:
         log = read_log(run / method / "metrics.jsonl")
         if not log:
             continue
-        out[method] = {"gold gain": last(log, "eval_gold") - sft_gold, "time (s)": times.get(method, math.nan),
-                       "KL (nats/answer)": last(log, "kl"), "answer length": last(log, "answer_length"),
+        out[method] = {"gold gain": last(log, "eval_gold") - sft_gold, "time (s)": last(log, "wall_s"),
+                       # DPO samples only for its evals: their KL and length (the others': their last rollout's)
+                       "KL (nats/answer)": last(log, "eval_kl" if method == "dpo" else "kl"),
+                       "answer length": last(log, "eval_answer_length" if method == "dpo" else "answer_length"),
                        "RM score": last(log, "eval_reward") if method != "dpo" else math.nan}
     return out
 

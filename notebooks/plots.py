@@ -13,6 +13,8 @@ call these functions one by one; the command line writes them all as PNGs:
     attention.png        the attention pattern of one head of the SFT model on one prompt
     rounds.png           RLHF in rounds (ROUNDS=3 bash pipeline.sh): gold and reward-model score per
                          round, and whether round 2's reward model still pays for round 1's hack
+    methods.png          PPO beside GRPO, RLOO, DPO (METHODS="grpo rloo dpo" bash pipeline.sh): held-out
+                         gold over each one's wall time, with and without its KL term
 
 Every plot function takes one run folder or a list of them (the same pipeline with other seeds): each
 run is drawn as a thin line, and with several runs their mean as a thick one.
@@ -40,29 +42,26 @@ def read_log(path):
     return read_metrics(path)
 
 
-def series(log, key):
-    rows = [r for r in log if key in r]
-    return [r["step"] for r in rows], [r[key] for r in rows]
-
-
 def as_runs(out):
     return [Path(out)] if isinstance(out, (str, Path)) else [Path(o) for o in out]
 
 
-def plot_runs(ax, runs, log_name, key, label, color, style="-", marker=None):
-    """One thin line per run, and the mean of the runs as a thick line when there are several."""
-    curves = [series(read_log(run / log_name), key) for run in runs]
-    curves = [(s, v) for s, v in curves if s]
+def plot_runs(ax, runs, log_name, key, label, color, style="-", marker=None, x="step"):
+    """One thin line per run, and the mean of the runs as a thick line when there are several: at the steps
+    every run logged, the mean of x (the step, or with x="wall_s" the seconds the run took to get there)."""
+    curves = [{r["step"]: r for r in read_log(run / log_name) if key in r and x in r} for run in runs]
+    curves = [c for c in curves if c]
     if not curves:
         return
     many = len(curves) > 1
-    for i, (steps, values) in enumerate(curves):
-        ax.plot(steps, values, style, marker=marker, color=color, lw=0.8 if many else 1.5,
-                alpha=0.45 if many else 1.0, label=None if many else label, markersize=3)
+    for curve in curves:
+        ax.plot([r[x] for r in curve.values()], [r[key] for r in curve.values()], style, marker=marker,
+                color=color, lw=0.8 if many else 1.5, alpha=0.45 if many else 1.0, label=None if many else label,
+                markersize=3)
     if many:
-        common = sorted(set.intersection(*(set(s) for s, _ in curves)))
-        mean = [sum(dict(zip(s, v))[x] for s, v in curves) / len(curves) for x in common]
-        ax.plot(common, mean, style, marker=marker, color=color, lw=2.2,
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = lambda k: [sum(c[step][k] for c in curves) / len(curves) for step in common]  # noqa: E731
+        ax.plot(mean(x), mean(key), style, marker=marker, color=color, lw=2.2,
                 label=f"{label} (mean of {len(curves)} seeds)", markersize=4)
 
 
@@ -157,6 +156,37 @@ def plot_reward_hacking(out):
     ax1.legend(fontsize=8)
     ax2.set(xlabel="iteration", ylabel="KL per answer (nats)", title="KL to the reference", yscale="symlog")
     ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+METHODS = {"ppo": "PPO (value head)", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "reinforce": "REINFORCE",
+           "dpo": "DPO"}  # the folders `METHODS="grpo rloo dpo" bash pipeline.sh` writes beside ppo/
+
+
+def methods_of(runs):
+    """The methods every run folder holds, in METHODS' order."""
+    return [m for m in METHODS if all((run / m / "metrics.jsonl").exists() for run in runs)]
+
+
+def plot_methods(out):
+    """Held-out gold over each method's wall time: with its KL term (left) and without (right, where the
+    reward model is gamed). Every method starts from the same SFT model and evaluates the same prompts
+    with the same sampling seeds: the dotted line is that SFT model's gold."""
+    runs = as_runs(out)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for i, method in enumerate(methods_of(runs)):
+        plot_runs(axes[0], runs, f"{method}/metrics.jsonl", "eval_gold", METHODS[method], f"C{i}", marker="o",
+                  x="wall_s")
+        if all((run / f"{method}_nokl" / "metrics.jsonl").exists() for run in runs):
+            plot_runs(axes[1], runs, f"{method}_nokl/metrics.jsonl", "eval_gold", f"{METHODS[method]}, no KL",
+                      f"C{i}", "--", "o", x="wall_s")
+    sft_gold = sum(read_log(run / "ppo" / "metrics.jsonl")[0]["eval_gold"] for run in runs) / len(runs)
+    for ax, title in zip(axes, ("the methods, each with its KL term", "without the KL term: the reward model gamed")):
+        ax.axhline(sft_gold, color="k", ls=":", lw=1, label="the SFT policy")
+        ax.set(xlabel="seconds of the method's stage (same SFT and reward model)", title=title)
+        ax.legend(fontsize=7)
+    axes[0].set(ylabel="mean gold score, held-out prompts")
     fig.tight_layout()
     return fig
 
@@ -270,6 +300,8 @@ def main(argv=None):
         figures["reward_hacking"] = plot_reward_hacking
     if all((r / "round2" / "ppo" / "metrics.jsonl").exists() for r in runs):
         figures["rounds"] = plot_rounds
+    if len(methods_of(runs)) > 1:
+        figures["methods"] = plot_methods
     for name, make in figures.items():
         fig = make(runs)
         fig.savefig(to / f"{name}.png", dpi=120)

@@ -68,6 +68,8 @@ def test_short_run_starts_at_zero_learns_the_labels_and_keeps_the_reference(sft_
     assert evals[0]["eval_loss"] == pytest.approx(math.log(2))
     assert evals[-1]["eval_accuracy"] > 0.55 and evals[-1]["eval_margin"] > 0, evals
     assert {"gold_agreement", "eval_gold"} <= set(evals[-1])
+    # the held-out answers' KL to the reference: 0 while the policy is the reference, then what DPO moved
+    assert evals[0]["eval_kl"] == 0.0 and evals[-1]["eval_kl"] > 0 and evals[0]["eval_answer_length"] > 1
     sft = policy_from_checkpoint(load_checkpoint(sft_run / "ckpt.pt", "sft"))
     for (name, p_ref), p_sft in zip(ref.named_parameters(), sft.parameters()):
         assert not p_ref.requires_grad and torch.equal(p_ref, p_sft), name
@@ -84,8 +86,8 @@ def test_resume_continues_exactly(sft_run, reward_run, tmp_path, monkeypatch):
     resumed, _ = train_dpo.main(dpo_cfg(tmp_path / "b", sft_run, reward_run, resume=True))
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
-    untimed = [[{k: v for k, v in r.items() if k not in ("steps_per_s", "wall_s")} for r in read_log(d / "metrics.jsonl")]
-               for d in (tmp_path / "a", tmp_path / "b")]
+    untimed = [[{k: v for k, v in r.items() if k not in ("steps_per_s", "wall_s")}
+                for r in read_log(d / "metrics.jsonl")] for d in (tmp_path / "a", tmp_path / "b")]
     assert untimed[0] == untimed[1]
 
 

@@ -4,6 +4,7 @@ middle of round 2's PPO and continued with RESUME=1."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -215,3 +216,9 @@ def test_methods_run_beside_ppo_from_the_same_models(tmp_path):
     assert dpo["extra"]["method"] == "dpo" and dpo["train_args"]["data"] == f"{out}/reward/comparisons.jsonl"
     times = (out / "times.txt").read_text()
     assert all(f"{name} " in times for name in ("grpo", "grpo_nokl", "dpo"))
+    assert (out / "methods.png").is_file()  # held-out gold over each method's time
+    table = subprocess.run([sys.executable, "bench/methods_summary.py", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    assert list(rows) == ["ppo", "ppo_nokl", "grpo", "grpo_nokl", "dpo"], table
+    assert all(cell.strip(" |") != "-" for row in rows.values() for cell in row[:4]), table  # gain, time, KL, length
