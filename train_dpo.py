@@ -232,11 +232,12 @@ def main(cfg):
     cfg = fit_lengths(cfg, policy.config.block_size)
     optimizer = adamw(policy, cfg.lr, cfg.weight_decay)
     start_iter = resume(ckpt_path, policy, optimizer) if cfg.resume else 0
-    # opened before the reference's log-probs: its clock (wall_s) counts them, a cost of DPO's
-    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
 
     # ---- 2. comparisons, and the reference's log-probs of every answer, once ----
     train_groups, eval_groups = load_data(cfg, tok, ref, device)
+    # the log's clock (wall_s) starts here, as PPO's starts once its models are loaded: it counts the reference's
+    # log-probs, a cost of DPO's, and not the sampling of the held-out comparisons, which only evaluate
+    log = MetricsLog(f"{cfg.out_dir}/metrics.jsonl", resume_step=start_iter if cfg.resume else None)
     for groups in (train_groups, eval_groups):  # batched as the steps and the evaluation batch them
         reference_logprobs(ref, groups, tok, cfg, device)
 

@@ -1,7 +1,7 @@
 """PPO beside the other methods of `METHODS="grpo rloo dpo" bash pipeline.sh`, one or more runs (one per seed),
 from their logs only: each method's held-out gold gain over the SFT policy (PPO's own iteration-0 eval: the
 same prompts and sampling seeds for every method), wall time (the stage's own, as its log's last line says:
-from opening the log, after the models are loaded, to the last evaluation), KL to the reference, answer
+from opening the log, once the models and data are loaded, to the last evaluation), KL to the reference, answer
 length and reward-model score, as a markdown table of mean [min, max] over the runs.
 
     for s in 1337 1 2; do METHODS="grpo rloo dpo" SEED=$s OUT=runs/methods/seed$s bash pipeline.sh; done
