@@ -19,20 +19,22 @@ def group_advantages(returns, action_mask, group_size, method):
         rloo       A = R - mean of the group's other answers (Ahmadian et al. 2024) = K/(K-1) (R - mean)
         reinforce  A = R - mean over the whole rollout       (Williams 1992, with a baseline)
 
-    The policy loss is a mean over the mini-batch's tokens, not over each answer's, so Dr. GRPO's other change
-    (no 1/length per answer) holds for every method here."""
-    if method == "reinforce":
-        advantage = returns - distributed.masked_mean(returns, torch.ones_like(returns))  # every rank's rollout
-    else:
-        r = returns.view(-1, group_size)  # (prompts, K)
-        centred = r - r.mean(dim=1, keepdim=True)
-        if method == "grpo":
-            advantage = centred / (r.std(dim=1, keepdim=True) + 1e-4)  # a group of equal returns teaches nothing
-        elif method == "dr_grpo":
-            advantage = centred
-        else:  # rloo
-            advantage = centred * group_size / (group_size - 1)
+    The std is the sample std (divided by K - 1, as torch.std and TRL compute it), plus 1e-4: a group of equal
+    returns teaches nothing. The policy loss is a mean over the mini-batch's tokens, not over each answer's,
+    so Dr. GRPO's other change (no 1/length per answer) holds for every method here."""
+    if method == "reinforce":  # the mean of every rank's rollout under torchrun
+        return (returns - distributed.masked_mean(returns, torch.ones_like(returns))).unsqueeze(1) * action_mask
+    # exercise group_advantages: the docstring's A per answer, on each of its actions; check: a group's A sums to 0
+    r = returns.view(-1, group_size)  # (prompts, K)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if method == "grpo":
+        advantage = centred / (r.std(dim=1, keepdim=True) + 1e-4)
+    elif method == "dr_grpo":
+        advantage = centred
+    else:  # rloo
+        advantage = centred * group_size / (group_size - 1)
     return advantage.reshape(-1, 1) * action_mask
+    # end exercise
 
 
 def kl_estimate(logp, logp_ref, estimator):
@@ -41,7 +43,7 @@ def kl_estimate(logp, logp_ref, estimator):
 
         k1 = -log r             unbiased for the KL's value; often negative, noisy
         k2 = (log r)^2 / 2      biased for the value (low variance, >= 0)
-        k3 = (r - 1) - log r    unbiased for the value, >= 0, low variance
+        k3 = (r - 1) - log r    unbiased for the value, >= 0, low variance while pi stays near pi_ref
 
     In the reward only the value counts. In the loss (--kl_in loss) the gradient does, through logp on the
     tokens the policy sampled: k1's is 0 in expectation (the mean of a score function), so k1 in the loss
@@ -52,4 +54,6 @@ def kl_estimate(logp, logp_ref, estimator):
         return -log_r
     if estimator == "k2":
         return 0.5 * log_r**2
-    return torch.expm1(log_r) - log_r  # k3; expm1: r - 1 without cancellation when r is near 1
+    # exercise kl_k3: the docstring's k3 from log r; check: >= 0, and (log r)^2 / 2 when log r = 1e-4 in float32
+    return torch.expm1(log_r) - log_r  # expm1: r - 1 without cancellation when r is near 1
+    # end exercise

@@ -195,7 +195,7 @@ def test_grade_prints_the_table_and_a_broken_file_costs_only_its_own_tests(stude
 
 
 def test_grade_passes_the_exercises_of_the_complete_repository():
-    """grade's table on this checkout says every test passed, for the seven exercises whose tests take seconds:
+    """grade's table on this checkout says every test passed, for the exercises whose tests take seconds:
     every exercise test runs in this suite anyway (the kernels' take minutes under the interpreter), and
     test_student_version_fails_exactly_the_exercise_tests checks that each one is graded."""
     complete_regions()
@@ -470,6 +470,82 @@ PLANTED = [
         return loss, masked_mean((values_clipped != values).float(), action_mask)
      """, "test_value_loss_clip_fraction_counts_where_the_clipped_error_is_larger",
      "expected 0.3333, came back 0.6667"),
+    ("group_advantages", "the population std", """
+        r = returns.view(-1, group_size)
+        centred = r - r.mean(dim=1, keepdim=True)
+        if method == "grpo":
+            advantage = centred / (r.std(dim=1, unbiased=False, keepdim=True) + 1e-4)
+        elif method == "dr_grpo":
+            advantage = centred
+        else:
+            advantage = centred * group_size / (group_size - 1)
+        return advantage.reshape(-1, 1) * action_mask
+     """, "test_group_advantages_grpo_equal_hand_computation", "first difference at [0, 0]: expected -0.9999"),
+    ("group_advantages", "RLOO against the whole group", """
+        r = returns.view(-1, group_size)
+        centred = r - r.mean(dim=1, keepdim=True)
+        if method == "grpo":
+            advantage = centred / (r.std(dim=1, keepdim=True) + 1e-4)
+        else:
+            advantage = centred
+        return advantage.reshape(-1, 1) * action_mask
+     """, "test_group_advantages_rloo_leaves_each_answer_out_of_its_baseline",
+     "first difference at [0, 0]: expected -1.5, came back -1"),
+    ("group_advantages", "groups across prompts", """
+        r = returns.view(group_size, -1)
+        centred = r - r.mean(dim=0, keepdim=True)
+        if method == "grpo":
+            advantage = centred / (r.std(dim=0, keepdim=True) + 1e-4)
+        elif method == "dr_grpo":
+            advantage = centred
+        else:
+            advantage = centred * group_size / (group_size - 1)
+        return advantage.reshape(-1, 1) * action_mask
+     """, "test_group_advantages_compare_each_answer_with_its_own_prompts_answers",
+     "first difference at [0, 0]: expected 0, came back -4"),
+    ("group_advantages", "off the actions too", """
+        r = returns.view(-1, group_size)
+        centred = r - r.mean(dim=1, keepdim=True)
+        if method == "grpo":
+            advantage = centred / (r.std(dim=1, keepdim=True) + 1e-4)
+        elif method == "dr_grpo":
+            advantage = centred
+        else:
+            advantage = centred * group_size / (group_size - 1)
+        return advantage.reshape(-1, 1).expand_as(action_mask)
+     """, "test_group_advantages_are_on_every_action_and_0_elsewhere",
+     "first difference at [0, 0]: expected 0, came back -1"),
+    ("kl_k3", "the ratio upside down", """
+        return torch.expm1(-log_r) + log_r
+     """, "test_kl_k3_equals_hand_computation", "first difference at [0]: expected 0.3679, came back 0.7183"),
+    ("kl_k3", "k2 in its place", """
+        return 0.5 * log_r**2
+     """, "test_kl_k3_averages_to_the_kl_under_the_policy", "expected 0.4608, came back 0.3075"),
+    ("kl_k3", "exp(x) - 1", """
+        return torch.exp(log_r) - 1 - log_r
+     """, "test_kl_k3_is_accurate_when_the_policies_nearly_agree", "came back [0]"),
+    ("dpo_loss", "no beta", """
+        reward_w, reward_l = logp_w - ref_w, logp_l - ref_l
+        return -F.logsigmoid(reward_w - reward_l), reward_w, reward_l
+     """, "test_dpo_loss_rewards_are_beta_times_the_log_ratio_to_the_reference",
+     "first difference at [0]: expected 0.25, came back 0.5"),
+    ("dpo_loss", "the log-ratio the wrong way round", """
+        reward_w, reward_l = beta * (ref_w - logp_w), beta * (ref_l - logp_l)
+        return -F.logsigmoid(reward_w - reward_l), reward_w, reward_l
+     """, "test_dpo_loss_rewards_are_beta_times_the_log_ratio_to_the_reference",
+     "first difference at [0]: expected 0.25, came back -0.25"),
+    ("dpo_loss", "the preference the wrong way round", """
+        reward_w, reward_l = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
+        return -F.logsigmoid(reward_l - reward_w), reward_w, reward_l
+     """, "test_dpo_loss_equals_hand_computation", "first difference at [0]: expected 0.3869, came back 1.137"),
+    ("dpo_loss", "the mean where one value per pair belongs", """
+        reward_w, reward_l = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
+        return -F.logsigmoid(reward_w - reward_l).mean(), reward_w, reward_l
+     """, "test_dpo_loss_is_one_value_per_pair", "expected one value per pair, shape (3,)"),
+    ("dpo_loss", "log of sigmoid", """
+        reward_w, reward_l = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
+        return -torch.log(torch.sigmoid(reward_w - reward_l)), reward_w, reward_l
+     """, "test_dpo_loss_is_finite_for_a_pair_wrong_by_a_mile", "expected [20000], came back [inf]"),
 ]
 
 
@@ -526,7 +602,8 @@ def test_grade_says_what_each_planted_wrong_answer_expected_and_got(student, tmp
     shutil.copytree(student, folder)
     chosen = {p[0]: p for p in PLANTED if p[1] in ("one column late", "the margin added", "the last column",
                                                       "the score on the last column", "a carry across the mask",
-                                                      "the mean over every token", "clipped around 0")}
+                                                      "the mean over every token", "clipped around 0",
+                                                      "the population std", "exp(x) - 1", "no beta")}
     regions = regions_of_this_checkout()
     for exercise, _, body, _, _ in chosen.values():
         path = folder / regions[exercise].path

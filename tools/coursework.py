@@ -138,6 +138,35 @@ EXERCISES = (
     ), unit_tests=(
         "tests/test_ppo.py::test_value_loss_clips_around_the_old_values",
     )),
+    Exercise("group_advantages", "support/beyond_ppo.py:group_advantages", "Beyond PPO: the group as baseline", (
+        "tests/test_coursework_beyond_ppo.py::test_group_advantages_grpo_equal_hand_computation",
+        "tests/test_coursework_beyond_ppo.py::test_group_advantages_dr_grpo_is_the_return_minus_the_group_mean",
+        "tests/test_coursework_beyond_ppo.py::test_group_advantages_rloo_leaves_each_answer_out_of_its_baseline",
+        "tests/test_coursework_beyond_ppo.py::test_group_advantages_compare_each_answer_with_its_own_prompts_answers",
+        "tests/test_coursework_beyond_ppo.py::test_group_advantages_are_on_every_action_and_0_elsewhere",
+    ), unit_tests=(
+        "tests/test_ppo.py::test_group_advantages_equal_hand_computation_on_every_action[grpo-expected0]",
+        "tests/test_ppo.py::test_group_advantages_equal_hand_computation_on_every_action[dr_grpo-expected1]",
+        "tests/test_ppo.py::test_group_advantages_equal_hand_computation_on_every_action[rloo-expected2]",
+        "tests/test_ppo.py::test_rloo_is_the_leave_one_out_mean_in_odd_groups",
+    )),
+    Exercise("kl_k3", "support/beyond_ppo.py:kl_estimate", "Beyond PPO: the k3 estimate of the KL", (
+        "tests/test_coursework_beyond_ppo.py::test_kl_k3_equals_hand_computation",
+        "tests/test_coursework_beyond_ppo.py::test_kl_k3_averages_to_the_kl_under_the_policy",
+        "tests/test_coursework_beyond_ppo.py::test_kl_k3_is_accurate_when_the_policies_nearly_agree",
+    ), unit_tests=(
+        "tests/test_ppo.py::test_kl_estimates_on_sampled_tokens_approach_the_exact_kl_k1_and_k3_unbiased",
+        "tests/test_ppo.py::test_kl_in_the_loss_k1_has_no_gradient_k2_the_kls_and_k3_the_reverse_kls",
+    )),
+    Exercise("dpo_loss", "train_dpo.py:dpo_loss", "DPO: Bradley-Terry on the implicit rewards", (
+        "tests/test_coursework_dpo.py::test_dpo_loss_rewards_are_beta_times_the_log_ratio_to_the_reference",
+        "tests/test_coursework_dpo.py::test_dpo_loss_is_one_value_per_pair",
+        "tests/test_coursework_dpo.py::test_dpo_loss_equals_hand_computation",
+        "tests/test_coursework_dpo.py::test_dpo_loss_of_the_reference_itself_is_log_2",
+        "tests/test_coursework_dpo.py::test_dpo_loss_is_finite_for_a_pair_wrong_by_a_mile",
+    ), unit_tests=(
+        "tests/test_dpo.py::test_dpo_loss_equals_hand_computation",
+    )),
     Exercise("online_softmax", "kernels/flash_attention.py:_attn_fwd_kernel", "Kernels: online softmax (attention)", (
         "tests/test_flash_attention.py::test_fp32_matches_reference",
         "tests/test_flash_attention.py::test_half_precision_matches_reference",
@@ -185,6 +214,9 @@ END_TO_END = (
     "tests/test_ppo.py::test_the_kl_term_goes_where_kl_in_says",
     "tests/test_ppo.py::test_a_critic_free_run_raises_reward_without_a_value_loss",
     "tests/test_ppo.py::test_a_run_on_the_gold_reward_raises_gold",
+    "tests/test_dpo.py::test_short_run_starts_at_zero_learns_the_labels_and_keeps_the_reference",
+    "tests/test_dpo.py::test_resume_continues_exactly",
+    "tests/test_dpo.py::test_a_missing_comparisons_file_names_it",
     "tests/test_bad_input.py",
     "tests/test_chat.py::test_side_by_side_scores_each_answer",
     "tests/test_gpu_check.py::test_dry_run_writes_every_section",
@@ -584,10 +616,10 @@ COMMANDS = {"list": ListConfig, "student": StudentConfig, "grade": GradeConfig}
 
 def list_exercises(cfg):
     exercise_regions()  # the markers checked against the table
-    where, topic = max(len(e.where) for e in EXERCISES) + 2, max(len(e.topic) for e in EXERCISES) + 2
-    print(f"{'exercise':<16}{'where':<{where}}{'lecture topic':<{topic}}tests")
+    name, where, topic = (max(len(getattr(e, key)) for e in EXERCISES) + 2 for key in ("name", "where", "topic"))
+    print(f"{'exercise':<{name}}{'where':<{where}}{'lecture topic':<{topic}}tests")
     for e in EXERCISES:
-        print(f"{e.name:<16}{e.where:<{where}}{e.topic:<{topic}}{len(e.tests)}")
+        print(f"{e.name:<{name}}{e.where:<{where}}{e.topic:<{topic}}{len(e.tests)}")
     return 0
 
 
@@ -619,12 +651,12 @@ def grade_folder(cfg):
           f"{cfg.folder}: not a copy of this repository (no tests/conftest.py); give the folder to grade")
     check_flags(cfg)
     rows = grade(folder, pick_exercises(cfg.exercises), cfg.timeout, cfg.verbose)
-    width = max(len(e.topic) for e, *_ in rows) + 2
-    print(f"{'exercise':<16}{'lecture topic':<{width}}passed")
+    name, width = max(len(e.name) for e, *_ in rows) + 2, max(len(e.topic) for e, *_ in rows) + 2
+    print(f"{'exercise':<{name}}{'lecture topic':<{width}}passed")
     for e, passed, _ in rows:
-        print(f"{e.name:<16}{e.topic:<{width}}{passed:>3}/{len(e.tests)}")
+        print(f"{e.name:<{name}}{e.topic:<{width}}{passed:>3}/{len(e.tests)}")
     passed, total = sum(r[1] for r in rows), sum(len(e.tests) for e, *_ in rows)
-    print(f"{'all':<16}{'':<{width}}{passed:>3}/{total}")
+    print(f"{'all':<{name}}{'':<{width}}{passed:>3}/{total}")
     # every failing test with what was expected and what came back; tests that fail the same way (an
     # exercise not written yet) share one line
     for e, _, failed in rows:
