@@ -1,8 +1,9 @@
-"""The four notebooks run top to bottom on a fresh clone. $RLHF_OUT points to an empty folder, so each
+"""The five notebooks run top to bottom on a fresh clone. $RLHF_OUT points to an empty folder, so each
 notebook takes its tiny-run path; the tiny runs share one folder ($RLHF_TINY), so SFT is trained once for
-all four, the reward model once for notebooks 3 and 4. The notebooks are executed in memory: the files,
-and the outputs saved in them, are not touched. Two cheap checks read the committed files as they are:
-the shared setup stays in notebooks/course.py, and the saved outputs come from a real run without errors."""
+all five, the reward model once for notebooks 3 to 5, PPO once for 4 and 5. The notebooks are executed in
+memory: the files, and the outputs saved in them, are not touched. Two cheap checks read the committed files
+as they are: the shared setup stays in notebooks/course.py, and the saved outputs come from a real run
+without errors."""
 
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["1_model_and_sampling", "2_sft", "3_reward_model", "4_ppo"]
+NAMES = ["1_model_and_sampling", "2_sft", "3_reward_model", "4_ppo", "5_beyond_ppo"]
 
 
 def code_cells(name):
