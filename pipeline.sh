@@ -29,6 +29,7 @@
 # METHODS: after round 1's PPO, other methods from the same SFT model, each into $OUT/<method>: a critic-free
 # advantage of train_ppo.py (grpo, dr_grpo, rloo: 16 prompts x 4 answers, the rollout's size; reinforce), each
 # also without its KL term ($OUT/<method>_nokl), or dpo (train_dpo.py on the reward model's comparisons).
+# With SIDE_BY_SIDE=0 every stage runs alone, so the methods' times (methods.png) compare.
 #
 # Each stage's wall time is appended to $OUT/times.txt, and at the end the whole command's.
 set -euo pipefail

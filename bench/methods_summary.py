@@ -4,7 +4,8 @@ same prompts and sampling seeds for every method), wall time (the stage's own, a
 from opening the log, once the models and data are loaded, to the last evaluation), KL to the reference, answer
 length and reward-model score, as a markdown table of mean [min, max] over the runs.
 
-    for s in 1337 1 2; do METHODS="grpo rloo dpo" SEED=$s OUT=runs/methods/seed$s bash pipeline.sh; done
+    # SIDE_BY_SIDE=0: every stage alone, so every method's time is measured under the same conditions
+    for s in 1337 1 2; do SIDE_BY_SIDE=0 METHODS="grpo rloo dpo" SEED=$s OUT=runs/methods/seed$s bash pipeline.sh; done
     python bench/methods_summary.py runs/methods/seed1337 runs/methods/seed1 runs/methods/seed2
 """
 
