@@ -22,7 +22,6 @@ the gold score of answers sampled for PPO's held-out prompts with PPO's seeds.
 """
 
 import copy
-import itertools
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,6 +39,7 @@ from support.training import (
     MetricsLog, Progress, adamw, autocast, batch_indices, check_finite, check_flags, check_out_dir, fit_lengths, flag,
     parse_args, pick_device, run, set_lr, warmup_cosine,
 )
+from train_reward import comparison_pairs, pair_accuracy  # the reward stage's pairs and their accuracy
 
 
 @dataclass
@@ -93,18 +93,6 @@ def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
     # end exercise
 
 
-def pairs(groups):
-    """(better, worse): the indices of every pair of answers inside each group, answers ranked best first and
-    numbered in the order they are stacked (K answers: K(K-1)/2 pairs)."""
-    better, worse, offset = [], [], 0
-    for g in groups:
-        for i, j in itertools.combinations(range(len(g["answers"])), 2):
-            better.append(offset + i)
-            worse.append(offset + j)
-        offset += len(g["answers"])
-    return torch.tensor(better), torch.tensor(worse)
-
-
 def answer_logprobs(gpt, groups, pad_id, device, impl):
     """log pi(y | x) = sum over the answer's tokens of log pi(a_t | x, a_<t), for every answer of the groups
     (n_answers,). Only the answer positions go through the LM head, in the fused log-prob kernel."""
@@ -117,11 +105,6 @@ def answer_logprobs(gpt, groups, pad_id, device, impl):
     col = torch.tensor([len(p) + j for p, a in rows for j in range(len(a))], device=idx.device)
     logp, _ = linear_logprobs(hidden[row, col - 1], gpt.lm_head.weight, idx[row, col], impl=impl)  # (N,)
     return torch.zeros(len(rows), device=idx.device).index_add(0, row, logp)
-
-
-def pair_accuracy(reward_w, reward_l):
-    """1 where the preferred answer gets the higher implicit reward, 1/2 for a tie (every pair at step 0)."""
-    return (reward_w > reward_l).float() + 0.5 * (reward_w == reward_l).float()
 
 
 # -----------------------------------------------------------------------------
@@ -141,8 +124,8 @@ def load_data(cfg, tok, ref, device):
     train_groups = file_comparisons(train_records, tok, trunc, cfg.data)
     if len(train_groups) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(train_groups)} comparisons, fewer than --batch_size {cfg.batch_size}")
-    print(f"data: {len(train_groups)} prompts ({len(pairs(train_groups)[0])} pairs) train, {len(eval_groups)} "
-          f"held out; {trunc.report()}")
+    n_pairs = len(comparison_pairs(train_groups)[0])
+    print(f"data: {len(train_groups)} prompts ({n_pairs} pairs) train, {len(eval_groups)} held out; {trunc.report()}")
     return train_groups, eval_groups
 
 
@@ -161,7 +144,7 @@ def step_loss(policy, groups, tok, cfg, device):
     """The mean DPO loss over every pair of the groups, and the pairs' implicit rewards."""
     logp = answer_logprobs(policy, groups, tok.eos_id, device, cfg.logprob_impl)
     ref = torch.cat([g["ref"] for g in groups])
-    better, worse = pairs(groups)
+    better, worse, _ = comparison_pairs(groups)
     loss, reward_w, reward_l = dpo_loss(logp[better], logp[worse], ref[better], ref[worse], cfg.beta)
     return loss.mean(), reward_w, reward_l
 
@@ -183,10 +166,9 @@ def evaluate(policy, ref, eval_groups, tok, cfg, device):
     metrics = {"eval_loss": sum(losses) / len(r_w), "eval_accuracy": pair_accuracy(r_w, r_l).mean().item(),
                "eval_margin": (r_w - r_l).mean().item()}
     if all(g.get("scores") for g in eval_groups):
-        gold = torch.tensor([s for g in eval_groups for s in g["scores"]])
-        better, worse = pairs(eval_groups)
-        decided = gold[better] != gold[worse]
-        sign = torch.where(gold[better] > gold[worse], 1.0, -1.0)
+        _, _, gold_gap = comparison_pairs(eval_groups)  # the judge's score of the preferred minus the other's
+        decided = gold_gap != 0
+        sign = torch.where(gold_gap > 0, 1.0, -1.0)
         metrics["gold_agreement"] = pair_accuracy(sign * r_w, sign * r_l)[decided].mean().item()
     if tok.table and cfg.eval_prompts:
         prompts = task.make_prompts(cfg.eval_prompts, "eval", cfg.seed + 6)  # PPO's held-out prompts and seeds

@@ -13,7 +13,7 @@ from conftest import crash_after_first_checkpoint
 from model import GPT, GPTConfig
 from support.checkpoint import load_checkpoint, policy_from_checkpoint
 from support.errors import LoadError
-from train_dpo import Config, answer_logprobs, dpo_loss, pairs
+from train_dpo import Config, answer_logprobs, dpo_loss
 
 
 def test_dpo_loss_equals_hand_computation():
@@ -28,11 +28,6 @@ def test_dpo_loss_equals_hand_computation():
     torch.testing.assert_close(loss, torch.tensor(expected))
     zero, _, _ = dpo_loss(ref_w, ref_l, ref_w, ref_l, beta=0.5)  # the reference itself: no preference yet
     torch.testing.assert_close(zero, torch.full((2,), math.log(2)))
-
-
-def test_pairs_of_rankings_of_two_and_three():
-    better, worse = pairs([{"answers": [[1], [2]]}, {"answers": [[3], [4], [5]]}])
-    assert better.tolist() == [0, 2, 2, 3] and worse.tolist() == [1, 3, 4, 4]
 
 
 def test_answer_logprobs_are_the_sums_of_the_answer_tokens_log_probs():
